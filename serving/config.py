@@ -1,0 +1,148 @@
+"""Configuration users write: pydantic models loaded from YAML or dicts.
+
+A config file is a Ray Serve config (`serve run FILE` and a RayService's
+`serveConfigV2` take it as is); the application's `args` are an `AppConfig`.
+"""
+
+from __future__ import annotations
+
+import os
+from enum import Enum
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class Role(str, Enum):
+    AGGREGATED = "aggregated"
+    PREFILL = "prefill"
+    DECODE = "decode"
+
+
+class PoolConfig(StrictModel):
+    """One pool of identical vLLM engine replicas."""
+
+    num_replicas: int | None = Field(
+        1, ge=1, description="Fixed replica count; leave null when autoscaling_config is set.")
+    autoscaling_config: dict[str, Any] | None = Field(
+        None, description="Ray Serve autoscaling config (min_replicas, max_replicas, "
+                          "target_ongoing_requests, ...) for this pool.")
+    max_ongoing_requests: int = Field(
+        256, ge=1, description="Requests one replica accepts at once before Serve queues.")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Keyword arguments for vLLM's AsyncEngineArgs "
+                                          "(dtype, max_model_len, block_size, ...).")
+    env: dict[str, str] = Field(
+        default_factory=dict, description="Environment set in the replica before the engine "
+                                          "starts, e.g. VLLM_CPU_OMP_THREADS_BIND for pinning.")
+    ray_actor_options: dict[str, Any] = Field(
+        default_factory=lambda: {"num_cpus": 1},
+        description="Ray resources of one replica, e.g. {num_gpus: 1} on GPU nodes.")
+
+    @model_validator(mode="after")
+    def _one_scaling_mode(self) -> "PoolConfig":
+        if self.autoscaling_config is not None:
+            self.num_replicas = None
+        return self
+
+    @field_validator("engine_kwargs")
+    @classmethod
+    def _no_model_in_engine_kwargs(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if "model" in value:
+            raise ValueError("set the model at the top level ('model'), not in engine_kwargs")
+        return value
+
+
+class RouterConfig(StrictModel):
+    """Assignment of requests to prefill and decode replicas (P/D deployments)."""
+
+    policy: Literal["least_loaded", "round_robin", "conditional"] = Field(
+        "least_loaded", description="Replica choice policy.")
+    local_prefill_max_tokens: int = Field(
+        0, ge=0, description="Prompts with at most this many uncached tokens are prefilled "
+                             "by the decode replica itself (0: always remote).")
+    session_header: str = Field(
+        "x-session-id", description="Requests with the same value of this header stay on "
+                                    "one decode replica.")
+
+
+class AppConfig(StrictModel):
+    """The arguments of `serving.app:build_app`."""
+
+    model: str = Field(
+        "pdserve:tiny", description="Local HF model directory, hub id, or a built-in model "
+                                    "('pdserve:tiny', 'pdserve:bench') built on first use.")
+    served_model_name: str | None = Field(
+        None, description="Name clients put in 'model'; defaults to `model`.")
+    api_key: str | None = Field(
+        None, description="If set (or PDSERVE_API_KEY), requests need "
+                          "'Authorization: Bearer <key>'.")
+    max_request_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Larger request bodies get HTTP 413.")
+    request_timeout_s: float = Field(
+        600.0, gt=0, description="A request that has not finished by then is aborted (504).")
+    aggregated: PoolConfig | None = Field(
+        None, description="The aggregated pool: engines that prefill and decode. "
+                          "Set this, or both 'prefill' and 'decode'.")
+    prefill: PoolConfig | None = Field(
+        None, description="The prefill pool of a disaggregated (P/D) deployment.")
+    decode: PoolConfig | None = Field(
+        None, description="The decode pool of a disaggregated (P/D) deployment.")
+    router: RouterConfig = Field(
+        default_factory=lambda: RouterConfig(), description="How requests are assigned "
+                                                            "to replicas (P/D only).")
+
+    @model_validator(mode="after")
+    def _one_topology(self) -> "AppConfig":
+        pd = (self.prefill is not None, self.decode is not None)
+        if self.aggregated is not None and any(pd):
+            raise ValueError("set either 'aggregated' or 'prefill' and 'decode', not both")
+        if self.aggregated is None and not all(pd):
+            raise ValueError("configure the 'aggregated' pool, or both 'prefill' and 'decode'")
+        return self
+
+    @property
+    def is_disaggregated(self) -> bool:
+        return self.aggregated is None
+
+    def pools(self) -> dict[Role, PoolConfig]:
+        if self.aggregated is not None:
+            return {Role.AGGREGATED: self.aggregated}
+        return {Role.PREFILL: self.prefill, Role.DECODE: self.decode}
+
+    @property
+    def model_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def resolved_api_key(self) -> str | None:
+        return self.api_key or os.environ.get("PDSERVE_API_KEY") or None
+
+
+class HTTPOptions(StrictModel):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+
+
+def load_serve_config(path: str | Path) -> dict[str, Any]:
+    """Read a Serve config file (the format `serve run FILE` takes)."""
+    with open(path) as f:
+        data = yaml.safe_load(f)
+    if not isinstance(data, dict) or not data.get("applications"):
+        raise ValueError(f"{path}: not a Serve config (no 'applications' list)")
+    return data
+
+
+def app_config_from_file(path: str | Path) -> tuple[AppConfig, HTTPOptions]:
+    data = load_serve_config(path)
+    apps = data["applications"]
+    if len(apps) != 1:
+        raise ValueError(f"{path}: expected exactly one application, found {len(apps)}")
+    http = data.get("http_options") or {}
+    return (AppConfig.model_validate(apps[0].get("args") or {}),
+            HTTPOptions(host=http.get("host", "127.0.0.1"), port=http.get("port", 8000)))
