@@ -1,0 +1,48 @@
+"""User-facing connector settings, read from `kv_connector_extra_config`."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class PDConnectorConfig(BaseModel):
+    """Settings of PDConnector; unknown keys are an error, not silently ignored."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    transport: Literal["ucx", "loopback"] = Field(
+        "ucx", description="Data plane: 'ucx' (ucxx) or 'loopback' (in-process, tests)."
+    )
+    host: str = Field(
+        "127.0.0.1", description="Address the handshake/control listener binds to."
+    )
+    port: int = Field(0, ge=0, le=65535, description="Listener port; 0 picks a free one.")
+    advertise_host: str | None = Field(
+        None, description="Host decode peers dial; defaults to `host`."
+    )
+    lease_s: float = Field(
+        30.0, gt=0, description="How long prefill holds blocks for a pull that has not come."
+    )
+    heartbeat_s: float | None = Field(
+        None, gt=0, description="Decode heartbeat period while a request waits; lease_s/6 if unset."
+    )
+    transfer_timeout_s: float = Field(
+        10.0, gt=0, description="Deadline for one pull (reply and all data) before recompute."
+    )
+    grant_wait_s: float = Field(
+        2.0, ge=0, description="How long prefill waits for a lease grant a pull races ahead of."
+    )
+    handshake_timeout_s: float = Field(5.0, gt=0, description="Deadline for connect + handshake.")
+    shared_secret: str | None = Field(
+        None, description="If set, both sides must prove it (HMAC) during the handshake."
+    )
+
+    @classmethod
+    def from_extra_config(cls, extra: dict[str, Any] | None) -> "PDConnectorConfig":
+        return cls(**(extra or {}))
+
+    @property
+    def heartbeat_period_s(self) -> float:
+        return self.heartbeat_s if self.heartbeat_s is not None else self.lease_s / 6

@@ -1,0 +1,184 @@
+"""The engine deployment: one vLLM `AsyncLLM` per replica behind vLLM's own OpenAI
+serving layer (request validation, chat templates, sampling, SSE chunks).
+
+A replica answers `generate(endpoint, body)`, an async generator, always called as a
+stream by the ingress. Its first item says what kind of reply follows:
+  - a dict: the whole reply (a response body, or an error body with `error.code`);
+  - a str: the first SSE event of a stream, followed by the rest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import logging
+import time
+from typing import Any, AsyncIterator
+
+from ray import serve
+
+from serving.config import AppConfig, PoolConfig, Role
+from serving.model import resolve_model
+from serving.protocol import validate_request
+
+logger = logging.getLogger("pdserve.engine")
+
+ENDPOINTS = ("completions", "chat")
+REPORT_INTERVAL_S = 0.5
+HEARTBEAT_S = 2.0
+
+
+def build_vllm_args(config: AppConfig, pool: PoolConfig) -> argparse.Namespace:
+    """vLLM's flat argument namespace (frontend + engine args), as its server builds it.
+
+    Unknown keys in `engine_kwargs` raise TypeError naming the key.
+    """
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.entrypoints.launchers.cli_args import FrontendArgs
+
+    frontend_fields = {f.name for f in dataclasses.fields(FrontendArgs)}
+    kwargs = dict(pool.engine_kwargs)
+    frontend_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in frontend_fields
+                       and k not in {f.name for f in dataclasses.fields(AsyncEngineArgs)}}
+    engine_args = AsyncEngineArgs(model=resolve_model(config.model),
+                                  served_model_name=[config.model_name], **kwargs)
+    frontend_args = FrontendArgs(**frontend_kwargs)
+    return argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
+
+
+class LoadStatLogger:
+    """Keeps the latest scheduler numbers of the local engine for the router."""
+
+    def __init__(self, vllm_config: Any = None, engine_index: int = 0):
+        self.num_running = 0
+        self.num_waiting = 0
+        self.kv_cache_usage = 0.0
+
+    def record(self, scheduler_stats: Any, iteration_stats: Any,
+               mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
+        if scheduler_stats is not None:
+            self.num_running = scheduler_stats.num_running_reqs
+            self.num_waiting = scheduler_stats.num_waiting_reqs
+            self.kv_cache_usage = scheduler_stats.kv_cache_usage
+
+    def log_engine_initialized(self) -> None:
+        pass
+
+    def log(self) -> None:
+        pass
+
+    def record_sleep_state(self, is_awake: int, level: int) -> None:
+        pass
+
+
+class EngineServer:
+    """One vLLM engine (aggregated, prefill or decode role) and its OpenAI handlers."""
+
+    async def __init__(self, config: dict, role: str, router: Any = None):
+        from starlette.datastructures import State
+        from vllm.entrypoints.openai.api_server import init_app_state
+        from vllm.v1.engine.async_llm import AsyncLLM
+        from vllm.v1.metrics.loggers import StatLoggerBase
+
+        self.config = AppConfig.model_validate(config)
+        self.role = Role(role)
+        self.replica_id = _replica_id()
+        pool = self.config.pools()[self.role]
+        started = time.monotonic()
+        args = build_vllm_args(self.config, pool)
+        from vllm.engine.arg_utils import AsyncEngineArgs
+
+        engine_args = AsyncEngineArgs.from_cli_args(args)
+        self.load = LoadStatLogger()
+        StatLoggerBase.register(LoadStatLogger)  # vLLM checks the ABC, not duck typing
+        self.engine = AsyncLLM.from_engine_args(
+            engine_args, stat_loggers=[lambda *a, **k: self.load])
+        self.state = State()
+        tasks = await self.engine.get_supported_tasks()
+        await init_app_state(self.engine, self.state, args, supported_tasks=tasks)
+        self.handlers = {"completions": self.state.openai_serving_completion,
+                         "chat": self.state.openai_serving_chat}
+        self.started_s = time.monotonic() - started
+        logger.info("engine %s (%s) ready in %.1f s", self.replica_id, self.role.value,
+                    self.started_s)
+        self._router = router
+        self._reporter = (asyncio.get_running_loop().create_task(self._report_load())
+                          if router is not None else None)
+
+    async def generate(self, endpoint: str, body: dict) -> AsyncIterator[str | dict]:
+        """Run one OpenAI request; see the module docstring for what it yields."""
+        from vllm.entrypoints.serve.engine.protocol import ErrorResponse
+
+        handler = self.handlers.get(endpoint)
+        if handler is None:
+            raise ValueError(f"unknown endpoint {endpoint!r}; known: {ENDPOINTS}")
+        request = validate_request(endpoint, body)
+        create = (handler.create_completion if endpoint == "completions"
+                  else handler.create_chat_completion)
+        result = await create(request, None)
+        if isinstance(result, ErrorResponse):
+            yield result.model_dump()
+        elif hasattr(result, "model_dump"):
+            yield result.model_dump(exclude_none=False)
+        else:
+            async for event in result:
+                yield event
+
+    async def models(self) -> dict:
+        listing = await self.state.openai_serving_models.show_available_models()
+        return listing.model_dump()
+
+    async def stats(self) -> dict:
+        return {"replica_id": self.replica_id, "role": self.role.value,
+                "num_running": self.load.num_running, "num_waiting": self.load.num_waiting,
+                "kv_cache_usage": self.load.kv_cache_usage, "started_s": self.started_s}
+
+    async def check_health(self) -> None:
+        await self.engine.check_health()
+
+    async def _report_load(self) -> None:
+        """Report on change (within REPORT_INTERVAL_S), and as a heartbeat when idle."""
+        last, last_sent = None, 0.0
+        while True:
+            stats = await self.stats()
+            key = (stats["num_running"], stats["num_waiting"], stats["kv_cache_usage"])
+            if key != last or time.monotonic() - last_sent >= HEARTBEAT_S:
+                try:
+                    await self._router.report.remote(stats)
+                    last, last_sent = key, time.monotonic()
+                except Exception:  # the router restarts; reports resume when it is back
+                    logger.debug("load report failed", exc_info=True)
+            await asyncio.sleep(REPORT_INTERVAL_S)
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+
+def _replica_id() -> str:
+    try:
+        return serve.get_replica_context().replica_id.unique_id
+    except Exception:  # outside Serve (tests that construct the class directly)
+        return "local"
+
+
+def engine_deployment(pool: PoolConfig, role: Role, name: str) -> serve.Deployment:
+    """The Serve deployment for one pool, with its scaling and resources."""
+    actor_options = dict(pool.ray_actor_options)
+    if pool.env:
+        runtime_env = dict(actor_options.get("runtime_env") or {})
+        runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}), **pool.env}
+        actor_options["runtime_env"] = runtime_env
+    options: dict[str, Any] = {
+        "name": name, "ray_actor_options": actor_options,
+        "max_ongoing_requests": pool.max_ongoing_requests,
+        "health_check_period_s": 10, "health_check_timeout_s": 30,
+        "graceful_shutdown_timeout_s": 5,
+    }
+    if pool.autoscaling_config is not None:
+        options["autoscaling_config"] = pool.autoscaling_config
+    else:
+        options["num_replicas"] = pool.num_replicas
+    return serve.deployment(EngineServer).options(**options)

@@ -1,0 +1,244 @@
+"""The OpenAI-compatible HTTP front door (FastAPI on Ray Serve).
+
+It checks what it can without an engine (auth, size, JSON, schema, model name), then
+hands the request to an engine replica and relays the reply: a JSON body, or an SSE
+stream passed through event by event. Every failure leaves as OpenAI error JSON.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+import uuid
+from typing import Any, AsyncIterator
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from serving.config import AppConfig
+from serving.errors import (AuthenticationError, BadRequestError, NotFoundError,
+                            OverloadedError, RequestTooLargeError, ServingError,
+                            UpstreamTimeoutError, error_body, error_for)
+from serving.metrics import RequestTimer, ServingMetrics
+from serving.protocol import validate_request
+
+logger = logging.getLogger("pdserve.ingress")
+app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
+SSE_DONE = "data: [DONE]\n\n"
+
+
+@app.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    message = (f"no route {request.method} {request.url.path}" if exc.status_code == 404
+               else str(exc.detail))
+    err_type = "NotFoundError" if exc.status_code == 404 else "BadRequestError"
+    return JSONResponse(error_body(message, err_type, exc.status_code), exc.status_code)
+
+
+@app.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    return JSONResponse(error_body(str(exc), "BadRequestError", 400), 400)
+
+
+class OpenAIIngress:
+    """Serves /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
+
+    def __init__(self, config: dict, engine: Any, router: Any):
+        self.config = AppConfig.model_validate(config)
+        self.engine = engine
+        self.router = router
+        self.metrics = ServingMetrics()
+        self.api_key = self.config.resolved_api_key()
+        self._models: dict | None = None
+        validate_request("completions", {"prompt": "warm-up"})  # load vLLM's schemas now
+
+    @app.post("/v1/completions")
+    async def completions(self, request: Request) -> Response:
+        return await self._serve("completions", request)
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request) -> Response:
+        return await self._serve("chat", request)
+
+    @app.get("/v1/models")
+    async def models(self, request: Request) -> Response:
+        request_id = _request_id(request)
+        try:
+            self._authorize(request)
+            if self._models is None:
+                self._models = await self.engine.models.remote()
+            return JSONResponse(self._models)
+        except Exception as exc:
+            return _error_response(exc, request_id)
+
+    @app.get("/health")
+    async def health(self) -> Response:
+        loads = await self.router.snapshot.remote()
+        live = {load["role"] for load in loads}
+        missing = [role.value for role in self.config.pools() if role.value not in live]
+        if missing:
+            return JSONResponse({"status": "unavailable", "pools_down": missing}, 503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics(self) -> Response:
+        self.metrics.set_replica_loads(await self.router.snapshot.remote())
+        return Response(self.metrics.exposition(),
+                        media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def _serve(self, endpoint: str, request: Request) -> Response:
+        request_id = _request_id(request)
+        timer = RequestTimer(endpoint)
+        try:
+            self._authorize(request)
+            body = await self._read_body(request)
+            stream, client_wants_usage = self._validate(endpoint, body)
+            deadline = time.monotonic() + self.config.request_timeout_s
+            reply = self.engine.options(stream=True).generate.remote(endpoint, body)
+            first = await _next_before(reply, deadline)
+        except Exception as exc:
+            response = _error_response(exc, request_id)
+            timer.finish(self.metrics, response.status_code, None)
+            return response
+        if isinstance(first, dict):
+            status = int(first["error"]["code"]) if "error" in first else 200
+            timer.finish(self.metrics, status, first.get("usage"))
+            return JSONResponse(first, status, headers={"x-request-id": request_id})
+        events = self._relay(first, reply, deadline, timer, client_wants_usage, request_id)
+        return StreamingResponse(events, media_type="text/event-stream",
+                                 headers={"x-request-id": request_id})
+
+    async def _relay(self, first: str, reply: Any, deadline: float, timer: RequestTimer,
+                     client_wants_usage: bool, request_id: str) -> AsyncIterator[str]:
+        """Pass SSE events through, timing token events; errors end the stream cleanly."""
+        usage, status, event = None, 200, first
+        try:
+            while True:
+                payload = _event_payload(event)
+                if payload is not None:
+                    if payload.get("choices") and _has_token(payload["choices"]):
+                        timer.token_event()
+                    if payload.get("usage"):
+                        usage = payload["usage"]
+                    if not payload.get("choices") and "usage" in payload \
+                            and not client_wants_usage:
+                        event = None  # the usage chunk we asked for on our own account
+                if event is not None:
+                    yield event
+                try:
+                    event = await _next_before(reply, deadline)
+                except StopAsyncIteration:
+                    break
+        except Exception as exc:
+            status, err = error_for(_unwrap(exc), request_id)
+            yield f"data: {json.dumps(err)}\n\n"
+            yield SSE_DONE
+        finally:
+            reply.cancel()
+            timer.finish(self.metrics, status, usage)
+
+    def _authorize(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        if header != f"Bearer {self.api_key}":
+            raise AuthenticationError("missing or invalid API key "
+                                      "(expected 'Authorization: Bearer <key>')")
+
+    async def _read_body(self, request: Request) -> dict:
+        limit = self.config.max_request_bytes
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            raise RequestTooLargeError(f"request body over {limit} bytes")
+        raw = bytearray()
+        async for chunk in request.stream():
+            raw += chunk
+            if len(raw) > limit:
+                raise RequestTooLargeError(f"request body over {limit} bytes")
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise BadRequestError(f"request body is not valid JSON: {exc}") from exc
+        if not isinstance(body, dict):
+            raise BadRequestError("request body must be a JSON object")
+        return body
+
+    def _validate(self, endpoint: str, body: dict) -> tuple[bool, bool]:
+        """Reject what no engine would accept; returns (stream, client wants usage)."""
+        request = validate_request(endpoint, body)
+        model = body.get("model")
+        if model is not None and model != self.config.model_name:
+            raise NotFoundError(f"model {model!r} does not exist; served: "
+                                f"{self.config.model_name!r}", param="model")
+        if not request.stream:
+            return False, False
+        options = body.get("stream_options") or {}
+        wants_usage = bool(options.get("include_usage"))
+        body["stream_options"] = {**options, "include_usage": True}
+        return True, wants_usage
+
+
+async def _next_before(reply: Any, deadline: float) -> Any:
+    remaining = deadline - time.monotonic()
+    try:
+        return await asyncio.wait_for(reply.__anext__(), max(remaining, 0.001))
+    except asyncio.TimeoutError as exc:
+        raise UpstreamTimeoutError("request timed out") from exc
+
+
+def _event_payload(event: str) -> dict | None:
+    if not event.startswith("data: ") or event.startswith(SSE_DONE):
+        return None
+    try:
+        payload = json.loads(event[6:])
+    except json.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None
+
+
+def _has_token(choices: list[dict]) -> bool:
+    for choice in choices:
+        delta = choice.get("delta")
+        if choice.get("text") or (delta and (delta.get("content") or delta.get("tool_calls")
+                                             or delta.get("reasoning_content"))):
+            return True
+    return False
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    """Ray wraps a replica's exception; the client should see the original."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        return cause
+    from ray.exceptions import ActorDiedError, ActorUnavailableError
+
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError)):
+        return OverloadedError("the engine replica serving this request went away")
+    return exc
+
+
+def _error_response(exc: BaseException, request_id: str) -> JSONResponse:
+    status, body = error_for(_unwrap(exc), request_id)
+    headers = {"x-request-id": request_id}
+    if status == 401:
+        headers["www-authenticate"] = "Bearer"
+    return JSONResponse(body, status, headers=headers)
+
+
+def _request_id(request: Request) -> str:
+    return request.headers.get("x-request-id") or uuid.uuid4().hex
+
+
+def ingress_deployment() -> serve.Deployment:
+    deployment = serve.deployment(serve.ingress(app)(OpenAIIngress))
+    return deployment.options(name="OpenAIIngress", num_replicas=1,
+                              max_ongoing_requests=1000,
+                              ray_actor_options={"num_cpus": 0})
+
+
+__all__ = ["OpenAIIngress", "ServingError", "ingress_deployment"]

@@ -1,0 +1,92 @@
+"""Prometheus metrics of the OpenAI ingress, served on GET /metrics.
+
+Latency metrics are observed where the client sees them: TTFT and ITL on streamed
+responses (the time to the first token event and every gap between token events),
+end-to-end latency on every request.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
+                   1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
+               0.512, 1.024, 2.048)
+
+
+class ServingMetrics:
+    """All metric families, in a registry of their own (several apps may share a process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        reg = self.registry
+        self.requests = Counter("pdserve_requests", "Finished HTTP requests.",
+                                ["endpoint", "status"], registry=reg)
+        self.ttft = Histogram("pdserve_time_to_first_token_seconds",
+                              "Time to the first token of streamed responses.",
+                              ["endpoint"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.itl = Histogram("pdserve_inter_token_latency_seconds",
+                             "Gap between consecutive token events of streamed responses.",
+                             ["endpoint"], buckets=GAP_BUCKETS, registry=reg)
+        self.e2e = Histogram("pdserve_e2e_request_latency_seconds",
+                             "Request latency from arrival to the last byte.",
+                             ["endpoint"], buckets=LATENCY_BUCKETS, registry=reg)
+        self.prompt_tokens = Counter("pdserve_prompt_tokens", "Prompt tokens processed.",
+                                     registry=reg)
+        self.generation_tokens = Counter("pdserve_generation_tokens",
+                                         "Tokens generated.", registry=reg)
+        labels = ["pool", "replica"]
+        self.running = Gauge("pdserve_replica_running_requests",
+                             "Requests running in each engine replica.", labels, registry=reg)
+        self.waiting = Gauge("pdserve_replica_waiting_requests",
+                             "Requests waiting in each engine replica.", labels, registry=reg)
+        self.kv_usage = Gauge("pdserve_replica_kv_cache_usage_ratio",
+                              "Fraction of each replica's KV cache in use.", labels,
+                              registry=reg)
+
+    def set_replica_loads(self, loads: list[dict]) -> None:
+        for gauge in (self.running, self.waiting, self.kv_usage):
+            gauge.clear()
+        for load in loads:
+            labels = (load["role"], load["replica_id"])
+            self.running.labels(*labels).set(load["num_running"])
+            self.waiting.labels(*labels).set(load["num_waiting"])
+            self.kv_usage.labels(*labels).set(load["kv_cache_usage"])
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
+
+
+@dataclass(slots=True)
+class RequestTimer:
+    """Timestamps of one request's token events, flushed into metrics at the end."""
+
+    endpoint: str
+    start: float = field(default_factory=time.perf_counter)
+    last_token: float | None = None
+    gaps: list[float] = field(default_factory=list)
+    ttft: float | None = None
+
+    def token_event(self) -> None:
+        now = time.perf_counter()
+        if self.last_token is None:
+            self.ttft = now - self.start
+        else:
+            self.gaps.append(now - self.last_token)
+        self.last_token = now
+
+    def finish(self, metrics: ServingMetrics, status: int, usage: dict | None) -> None:
+        metrics.requests.labels(self.endpoint, str(status)).inc()
+        metrics.e2e.labels(self.endpoint).observe(time.perf_counter() - self.start)
+        if self.ttft is not None:
+            metrics.ttft.labels(self.endpoint).observe(self.ttft)
+        itl = metrics.itl.labels(self.endpoint)
+        for gap in self.gaps:
+            itl.observe(gap)
+        if usage:
+            metrics.prompt_tokens.inc(usage.get("prompt_tokens") or 0)
+            metrics.generation_tokens.inc(usage.get("completion_tokens") or 0)

@@ -1,0 +1,60 @@
+"""`pdserve serve CONFIG`: start a local Ray, deploy the app, stay in the foreground,
+and shut Ray and the engines down cleanly on SIGINT/SIGTERM."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import threading
+import time
+
+from serving.config import app_config_from_file
+
+logger = logging.getLogger("pdserve")
+
+
+def _curl_line(host: str, port: int, model: str, api_key: str | None) -> str:
+    body = json.dumps({"model": model, "prompt": "Hello, my name is", "max_tokens": 16})
+    auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
+    return (f"curl http://{host}:{port}/v1/completions -H 'Content-Type: application/json'"
+            f"{auth} -d '{body}'")
+
+
+def serve_foreground(config_path: str, host: str | None = None,
+                     port: int | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    config, http = app_config_from_file(config_path)
+    host = host or http.host
+    port = http.port if port is None else port
+
+    import ray
+    from ray import serve
+
+    from serving.app import build_app
+
+    started = time.monotonic()
+    # A cluster of our own, every listener on the loopback interface unless asked.
+    ray.init(address="local", _node_ip_address=os.environ.get("PDSERVE_NODE_IP", "127.0.0.1"),
+             include_dashboard=False, logging_level=logging.WARNING,
+             log_to_driver=os.environ.get("PDSERVE_ENGINE_LOGS", "1") == "1")
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
+        signal.signal(sig, lambda *_: stop.set())
+    try:
+        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        serve.run(build_app(config), name="pdserve", route_prefix="/", blocking=False)
+        logger.info("pdserve ready in %.1f s on http://%s:%d (model %s)",
+                    time.monotonic() - started, host, port, config.model_name)
+        print("Ready. Try:\n  " + _curl_line(host, port, config.model_name,
+                                              config.resolved_api_key()), flush=True)
+        while not stop.wait(1.0):
+            pass
+        logger.info("shutting down")
+    finally:
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+    return 0
