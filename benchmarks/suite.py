@@ -67,7 +67,7 @@ def list_models(base_url: str, headers: dict[str, str] | None = None,
 
 def default_stem(label: str, model: str, load: LoadSpec | None) -> str:
     now = datetime.now().strftime("%Y%m%d-%H%M%S")
-    point = f"-{load.label}" if load else "-sweep"
+    point = f"-{load.label}" if load else ""
     return f"{label}{point}-{model.rstrip('/').split('/')[-1]}-{now}"
 
 

@@ -1,0 +1,128 @@
+"""Servers the tool starts and stops itself (A/B runs, scenarios, tests).
+
+A server is any command line that serves the OpenAI API on a port: `pdserve serve
+CONFIG --port {port}`, `python -m vllm.entrypoints.openai.api_server ... --port
+{port}`, a shell script. `{port}` in the command is replaced by a free loopback port.
+The command runs in its own process group, so stopping it (SIGINT, then SIGTERM, then
+SIGKILL) reaches the workers it spawned and nothing else.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+
+from benchmarks.errors import ServerError
+
+POLL_S = 0.5
+LOG_TAIL_CHARS = 3000
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def is_ready(base_url: str) -> bool:
+    """GET /health answers 200 and /v1/models lists a model."""
+    try:
+        if httpx.get(f"{base_url}/health", timeout=2.0, trust_env=False).status_code != 200:
+            return False
+        models = httpx.get(f"{base_url}/v1/models", timeout=5.0, trust_env=False)
+        return models.status_code == 200 and bool(models.json().get("data"))
+    except (httpx.HTTPError, ValueError):
+        return False
+
+
+class ManagedServer:
+    """Start a server command, wait until it is ready, stop it on exit.
+
+        with ManagedServer("pdserve serve cfg.yaml --port {port}", log_path=p) as url:
+            ...  # url is http://127.0.0.1:PORT
+    """
+
+    def __init__(self, command: str | list[str], *, env: dict[str, str] | None = None,
+                 log_path: Path | None = None, ready_timeout_s: float = 300.0,
+                 port: int | None = None) -> None:
+        self.port = port or free_port()
+        parts = shlex.split(command) if isinstance(command, str) else list(command)
+        self.argv = [p.replace("{port}", str(self.port)) for p in parts]
+        self.env = {**os.environ, **(env or {})}
+        self.log_path = log_path
+        self.ready_timeout_s = ready_timeout_s
+        self.base_url = f"http://127.0.0.1:{self.port}"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> str:
+        """Run the command and block until it is ready; ServerError if it never is."""
+        if self.log_path:
+            self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_path or os.devnull, "ab")
+        try:
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdout=log,
+                                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                         start_new_session=True)
+        except OSError as err:
+            raise ServerError(f"cannot run {shlex.join(self.argv)}: {err}") from err
+        finally:
+            log.close()
+        deadline = time.monotonic() + self.ready_timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise ServerError(f"server exited with code {self.proc.returncode} before "
+                                  f"it was ready: {shlex.join(self.argv)}\n{self.log_tail()}")
+            if is_ready(self.base_url):
+                return self.base_url
+            time.sleep(POLL_S)
+        self.stop()
+        raise ServerError(f"server not ready after {self.ready_timeout_s:.0f}s: "
+                          f"{shlex.join(self.argv)}\n{self.log_tail()}")
+
+    def stop(self, grace_s: float = 30.0) -> int | None:
+        """Stop the whole process group; returns the exit code (None if never started)."""
+        if self.proc is None:
+            return None
+        for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0),
+                            (signal.SIGKILL, 10.0)):
+            if self.proc.poll() is not None:
+                break
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                break
+            try:
+                self.proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                continue
+        self._reap_group()
+        return self.proc.returncode
+
+    def _reap_group(self) -> None:
+        """Workers left in the group after the leader exited get SIGKILL."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+
+    def log_tail(self) -> str:
+        if not self.log_path or not self.log_path.exists():
+            return ""
+        return self.log_path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+
+    def __enter__(self) -> str:
+        try:
+            return self.start()
+        except BaseException:
+            self.stop(grace_s=5.0)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()

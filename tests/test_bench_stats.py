@@ -1,0 +1,94 @@
+"""Statistics on hand-computed inputs: percentiles, TPOT, ITL pooling, goodput."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from benchmarks.arrivals import arrival_offsets
+from benchmarks.errors import BenchConfigError
+from benchmarks.metrics import compute_metrics, error_counts, parse_goodput, summarize
+from benchmarks.records import RequestOutput
+
+
+def ok(ttft: float, latency: float, tokens: int, itl: list[float]) -> RequestOutput:
+    return RequestOutput(request_id="r", success=True, prompt_len=10, output_tokens=tokens,
+                         ttft=ttft, latency=latency, itl=itl)
+
+
+def failed(reason: str) -> RequestOutput:
+    return RequestOutput(request_id="f", success=False, prompt_len=10, error=reason)
+
+
+@pytest.fixture
+def outputs() -> list[RequestOutput]:
+    return [
+        ok(0.1, 0.5, 5, [0.1] * 4),   # TPOT (0.5-0.1)/4 = 0.1
+        ok(0.2, 0.6, 5, [0.1] * 4),   # TPOT 0.1
+        ok(0.3, 0.7, 3, [0.2, 0.2]),  # TPOT 0.2
+        ok(0.4, 0.4, 1, []),          # one token: no TPOT sample, 0 for goodput
+        failed("http 500: overloaded"),
+        failed("stream cut: connection ended after 2 token chunks without [DONE]"),
+    ]
+
+
+def test_percentiles_interpolate_linearly_in_ms() -> None:
+    stats = summarize([0.1, 0.2, 0.3, 0.4], [50, 90, 99, 99.9])
+    assert stats["mean"] == pytest.approx(250.0)
+    assert stats["median"] == pytest.approx(250.0)
+    assert stats["std"] == pytest.approx(math.sqrt(12500.0))  # population std
+    assert stats["p90"] == pytest.approx(370.0)  # rank 0.9*3 = 2.7 -> 300 + 0.7*100
+    assert stats["p99"] == pytest.approx(397.0)
+    assert stats["p99.9"] == pytest.approx(399.7)
+    assert summarize([], [99]) == {"mean": 0.0, "median": 0.0, "std": 0.0, "p99": 0.0}
+
+
+def test_counts_throughputs_and_latencies(outputs: list[RequestOutput]) -> None:
+    m = compute_metrics(outputs, duration_s=2.0, percentiles=[90, 99], slos_ms={})
+    assert (m["completed"], m["failed"]) == (4, 2)
+    assert m["total_input_tokens"] == 40 and m["total_output_tokens"] == 14
+    assert m["request_throughput"] == pytest.approx(2.0)
+    assert m["output_throughput"] == pytest.approx(7.0)
+    assert m["total_token_throughput"] == pytest.approx(27.0)
+    assert m["request_goodput"] is None
+    assert m["mean_ttft_ms"] == pytest.approx(250.0)
+    assert m["p90_ttft_ms"] == pytest.approx(370.0)
+    # TPOT samples 100, 100, 200 ms: the one-token request has none.
+    assert m["mean_tpot_ms"] == pytest.approx(400 / 3)
+    assert m["median_tpot_ms"] == pytest.approx(100.0)
+    assert m["p90_tpot_ms"] == pytest.approx(180.0)  # rank 1.8 -> 100 + 0.8*100
+    # ITL pools every gap: eight of 100 ms and two of 200 ms.
+    assert m["mean_itl_ms"] == pytest.approx(120.0)
+    assert m["median_itl_ms"] == pytest.approx(100.0)
+    assert m["p90_itl_ms"] == pytest.approx(200.0)
+    assert m["p99_e2el_ms"] == pytest.approx(697.0)
+
+
+def test_goodput_counts_requests_meeting_every_slo(outputs: list[RequestOutput]) -> None:
+    both = compute_metrics(outputs, 2.0, [99], parse_goodput(["ttft:350", "tpot:150"]))
+    # r1, r2 meet both; r3 misses TPOT (200 ms); r4 misses TTFT (400 ms); failures never count.
+    assert both["request_goodput"] == pytest.approx(1.0)
+    e2e = compute_metrics(outputs, 2.0, [99], parse_goodput(["e2el:600"]))
+    assert e2e["request_goodput"] == pytest.approx(1.5)  # 500, 600 (inclusive), 400 ms
+
+
+def test_failures_are_grouped_by_reason(outputs: list[RequestOutput]) -> None:
+    assert error_counts(outputs) == {"http 500": 1, "stream cut": 1}
+
+
+@pytest.mark.parametrize("bad", ["ttft", "speed:10", "ttft:-1", "ttft:fast"])
+def test_bad_slos_are_refused(bad: str) -> None:
+    with pytest.raises(BenchConfigError, match="--goodput"):
+        parse_goodput([bad])
+
+
+def test_arrivals_are_seeded_and_end_at_n_over_rate() -> None:
+    a = arrival_offsets(50, request_rate=10.0, burstiness=0.5, seed=7)
+    assert a == arrival_offsets(50, request_rate=10.0, burstiness=0.5, seed=7)
+    assert a != arrival_offsets(50, request_rate=10.0, burstiness=0.5, seed=8)
+    assert a == sorted(a) and a[-1] == pytest.approx(5.0)
+    assert arrival_offsets(3, math.inf) == [0.0, 0.0, 0.0]
+    assert arrival_offsets(4, 2.0, burstiness=math.inf) == pytest.approx([0.5, 1.0, 1.5, 2.0])
+    with pytest.raises(BenchConfigError):
+        arrival_offsets(4, 0.0)
