@@ -366,7 +366,20 @@ def placement_problems(args: dict[str, Any], groups: list[NodeGroup]) -> list[st
                 + f", but only {placed} fit the node groups: "
                 + "; ".join(g.describe() for g in groups)
                 + _missing_gpu_hint(demand, custom, groups))
-    return problems
+    return problems + _idle_gpu_problems(pods)
+
+
+def _idle_gpu_problems(pods: list[tuple[NodeGroup, dict[str, float]]]) -> list[str]:
+    """GPUs a group requests from Kubernetes that no pool replica would ever use."""
+    idle: dict[str, float] = {}
+    for group, free in pods:
+        if free.get("GPU", 0) > 0:
+            idle[group.name] = idle.get(group.name, 0) + free["GPU"]
+    return [f"worker group {g.name!r} holds {g.num_pods * g.resources['GPU']:g} GPU(s) in "
+            f"{g.num_pods} pod(s), but the pools place replicas on only "
+            f"{g.num_pods * g.resources['GPU'] - idle[g.name]:g}: {idle[g.name]:g} GPU(s) "
+            f"would sit idle; size the group to the pools' replicas x num_gpus"
+            for g in {group.name: group for group, _ in pods}.values() if g.name in idle]
 
 
 def _missing_gpu_hint(demand: dict[str, float], custom: list[str],

@@ -181,6 +181,10 @@ MUTATIONS = [
     ("autoscaling-max-beyond-group", "rayservice-autoscale.yaml",
      _serve_config_edit("max_replicas: 8", "max_replicas: 9"),
      "pool 'decode' needs 9 replica(s) (autoscaling_config.max_replicas)", False),
+    ("idle-gpus", "rayservice-2p4d.yaml",
+     lambda d: _workers(d)[1].update(replicas=3, maxReplicas=3),
+     "worker group 'decode-gpu' holds 6 GPU(s) in 3 pod(s), but the pools place replicas on "
+     "only 4: 2 GPU(s) would sit idle", False),
     ("single-node-too-small", "rayservice-1p1d.yaml",
      lambda d: _workers(d)[0]["template"]["spec"]["containers"][0]["resources"].update(
          requests={"cpu": "10", "nvidia.com/gpu": 1}, limits={"cpu": "10", "nvidia.com/gpu": 1}),
