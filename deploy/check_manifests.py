@@ -90,7 +90,8 @@ def schema_problems(doc: dict[str, Any], crd_dir: Path) -> list[str]:
     errors = sorted(validator.iter_errors(doc), key=lambda e: list(map(str, e.absolute_path)))
     problems = [f"{_json_path(e.absolute_path)}: {e.message}" for e in errors]
     if len(problems) > MAX_SCHEMA_PROBLEMS:
-        problems = problems[:MAX_SCHEMA_PROBLEMS] + [f"... and {len(problems) - MAX_SCHEMA_PROBLEMS} more"]
+        extra = len(problems) - MAX_SCHEMA_PROBLEMS
+        problems = problems[:MAX_SCHEMA_PROBLEMS] + [f"... and {extra} more"]
     return problems
 
 
