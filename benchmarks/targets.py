@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,8 @@ def make_target(args: argparse.Namespace, base_url: str | None = None,
     """Resolve the model (asking /v1/models when not given) and the request format."""
     url = check_base_url(base_url or args.base_url or f"http://{args.host}:{args.port}")
     headers = parse_headers(args.header)
+    if os.environ.get("OPENAI_API_KEY") and "Authorization" not in headers:
+        headers["Authorization"] = f"Bearer {os.environ['OPENAI_API_KEY']}"  # as vLLM's client
     model = model or args.model or args.served_model_name
     root = None
     listed = list_models(url, headers)

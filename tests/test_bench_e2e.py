@@ -57,7 +57,8 @@ def test_completions_run_writes_every_key_csv_and_plot(server: str, tmp_path: Pa
     assert result["median_ttft_ms"] > 0 and result["p99_itl_ms"] >= result["median_itl_ms"]
     # Exact output lengths (ignore_eos): 12 +- 25% -> 9..15, as sampled.
     assert all(9 <= n <= 15 for n in result["output_lens"])
-    assert all(len(gaps) == n - 1 for gaps, n in zip(result["itls"], result["output_lens"]))
+    # One gap per chunk after the first; a busy server may put two tokens in one chunk.
+    assert all(0 < len(gaps) <= n - 1 for gaps, n in zip(result["itls"], result["output_lens"]))
     rows = list(csv.DictReader((tmp_path / "run.csv").open()))
     assert len(rows) == 12 and all(r["success"] == "True" for r in rows)
     assert (tmp_path / "run-cdf.png").stat().st_size > 10_000
@@ -79,3 +80,23 @@ def test_chat_sweep_through_pdserve_bench(server: str, tmp_path: Path) -> None:
     assert longs and set(longs) == {4}
     assert next(tmp_path.glob("*-vs-load.png")).stat().st_size > 10_000
     assert len(list(tmp_path.glob("*-cdf.png"))) == 2
+
+
+def test_ab_of_two_endpoints_writes_a_ratio_table(server: str, tmp_path: Path) -> None:
+    rc = main(["ab", "--a-base-url", server, "--a-label", "first",
+               "--b-base-url", server, "--b-label", "second", *SMALL,
+               "--max-concurrency", "4", "--goodput", "ttft:5000",
+               "--result-dir", str(tmp_path), "--result-filename", "cmp.json"])
+    assert rc == 0
+    table = (tmp_path / "cmp-ab.md").read_text()
+    assert "| metric | first (A) | second (B) | B/A | better |" in table
+    assert "| ITL p99 (ms) |" in table and "| goodput (req/s) |" in table
+    summary = json.loads((tmp_path / "cmp-ab.json").read_text())
+    assert [p["completed"] for p in summary["first"] + summary["second"]] == [12, 12]
+    for side in ("first", "second"):
+        result = json.loads((tmp_path / f"cmp-{side}.json").read_text())
+        assert result["label"] == side and len(result["input_lens"]) == 12
+    # Both sides ran the very same requests.
+    a, b = (json.loads((tmp_path / f"cmp-{s}.json").read_text()) for s in ("first", "second"))
+    assert a["input_lens"] == b["input_lens"]
+    assert (tmp_path / "cmp-ab-cdf.png").exists()

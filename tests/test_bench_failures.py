@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import socket
+import sys
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -17,6 +18,8 @@ from typing import Iterator
 import pytest
 
 from benchmarks.__main__ import main
+from benchmarks.errors import ServerError
+from benchmarks.servers import ManagedServer
 
 CHUNK = 'data: {"choices":[{"index":0,"text":"tok"}]}\n\n'
 
@@ -129,3 +132,21 @@ def test_bad_flags_exit_2_with_a_message(capsys) -> None:
     assert main(["--base-url", "localhost:8000", "--model", "m"]) == 2
     assert "--base-url" in capsys.readouterr().err
     assert main(["--model", "m", "--goodput", "speed:3"]) == 2
+
+
+def test_a_server_command_that_dies_is_a_clear_error(tmp_path: Path) -> None:
+    log = tmp_path / "server.log"
+    server = ManagedServer([sys.executable, "-c", "print('no model here'); raise SystemExit(3)"],
+                           log_path=log, ready_timeout_s=30)
+    with pytest.raises(ServerError, match="exited with code 3") as err:
+        with server:
+            pass
+    assert "no model here" in str(err.value)
+
+
+def test_ab_with_a_dead_side_exits_1_and_says_why(tmp_path: Path, capsys) -> None:
+    rc = main(["ab", "--a-cmd", f"{sys.executable} -c 'raise SystemExit(4)'",
+               "--b-base-url", "http://127.0.0.1:9", "--model", "fake",
+               "--result-dir", str(tmp_path), "--disable-tqdm"])
+    assert rc == 1
+    assert "exited with code 4" in capsys.readouterr().err
