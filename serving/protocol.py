@@ -19,6 +19,9 @@ def validate_request(endpoint: str, body: dict) -> Any:
     from vllm.entrypoints.openai.completion.protocol import CompletionRequest
 
     model = CompletionRequest if endpoint == "completions" else ChatCompletionRequest
+    stream = body.get("stream")
+    if stream is not None and not isinstance(stream, bool):  # pydantic would take "yes"
+        raise BadRequestError(f"stream must be true or false, got {stream!r}", param="stream")
     request = model.model_validate(body)
     for field in ("max_tokens", "max_completion_tokens"):
         value = body.get(field)
