@@ -2,6 +2,7 @@
 
     pdserve bench [flags]        measure one server (flags: pdserve bench --help)
     pdserve bench ab [flags]     compare two servers or configs (pdserve bench ab --help)
+    pdserve bench scenario NAME  a named scenario, e.g. pd_vs_aggregated (the headline)
 """
 
 from __future__ import annotations
@@ -49,9 +50,23 @@ def run_single(argv: list[str]) -> int:
     return 0 if suite.num_completed else 1
 
 
+def run_scenario(argv: list[str]) -> int:
+    import importlib
+
+    from benchmarks.errors import BenchConfigError
+    from benchmarks.scenarios import SCENARIOS
+
+    name = argv[0].replace("-", "_") if argv else ""
+    if name not in SCENARIOS:
+        raise BenchConfigError(f"unknown scenario {name!r}; known: {', '.join(SCENARIOS)}")
+    return importlib.import_module(SCENARIOS[name]).main(argv[1:])
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     try:
+        if argv[:1] == ["scenario"]:
+            return run_scenario(argv[1:])
         if argv[:1] == ["ab"]:
             from benchmarks.ab import run_ab
 

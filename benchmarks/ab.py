@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -77,9 +78,9 @@ def running(side: Side, log_dir: Path, timeout_s: float) -> Iterator[str]:
         yield side.base_url
         return
     log = log_dir / f"server-{side.label}.log"
-    print(f"starting {side.label}: {side.command} (log: {log})", flush=True)
-    with ManagedServer(side.command, env=side.env, log_path=log,
-                       ready_timeout_s=timeout_s) as url:
+    server = ManagedServer(side.command, env=side.env, log_path=log, ready_timeout_s=timeout_s)
+    print(f"starting {side.label}: {shlex.join(server.argv)} (log: {log})", flush=True)
+    with server as url:
         yield url
     print(f"stopped {side.label}", flush=True)
 

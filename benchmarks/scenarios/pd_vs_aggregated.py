@@ -1,0 +1,182 @@
+"""Headline scenario: P/D on CPU (prefill pinned to core 0, decode to core 1) against
+one aggregated engine on both cores, `bench` model, the mixed workload (long prompts
+arriving while short requests decode). Goal for P/D: ITL p99 <= 0.5x aggregated at
+equal or better goodput.
+
+    python -m benchmarks.scenarios.pd_vs_aggregated                 # the headline
+    python -m benchmarks.scenarios.pd_vs_aggregated --preset agg-vs-vllm
+    python -m benchmarks.scenarios.pd_vs_aggregated --a-cmd "..." --b-base-url URL
+
+Any `pdserve bench ab` flag given after the scenario's own overrides its default
+(e.g. --num-prompts 20, --request-rate 0.5, --b-cmd "..."). Writes everything
+`pdserve bench ab` writes plus S-headline.md into --result-dir.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from benchmarks.ab import run_ab
+from benchmarks.errors import BenchConfigError, BenchError
+
+HERE = Path(__file__).resolve().parent
+MODEL = "pdserve:bench"
+GOAL_ITL_RATIO = 0.5
+
+WORKLOAD = [
+    "--dataset-name", "mixed", "--num-prompts", "40", "--seed", "0",
+    "--random-input-len", "64", "--random-output-len", "64",
+    "--mixed-long-input-len", "1024", "--mixed-long-output-len", "8",
+    "--mixed-long-fraction", "0.2",
+    "--request-rate", "1.0", "--burstiness", "1.0", "--num-warmups", "2",
+    "--goodput", "ttft:3000", "tpot:100",
+    "--endpoint", "/v1/completions", "--tokenizer", MODEL, "--request-timeout", "300",
+]
+
+
+def pdserve_cmd(config: str) -> str:
+    return f"{shlex.quote(sys.executable)} -m serving.cli serve {HERE / config} --port {{port}}"
+
+
+def vllm_cmd() -> str:
+    """vLLM's own OpenAI server on the same model, engine threads on both cores."""
+    from serving.model import resolve_model
+
+    return (f"{shlex.quote(sys.executable)} -m vllm.entrypoints.openai.api_server "
+            f"--model {resolve_model(MODEL)} --served-model-name bench "
+            "--host 127.0.0.1 --port {port} --dtype float32 --enforce-eager "
+            "--block-size 32 --max-model-len 4096 --max-num-seqs 64")
+
+
+VLLM_ENV = ["VLLM_CPU_KVCACHE_SPACE=2", "VLLM_CPU_OMP_THREADS_BIND=0-1"]
+
+
+def preset_sides(preset: str) -> list[str]:
+    """`ab` side flags of a preset: A is the baseline, B the candidate."""
+    agg = pdserve_cmd("cpu-aggregated-bench.yaml")
+    if preset == "pd-vs-agg":
+        return ["--a-label", "aggregated", "--a-cmd", agg,
+                "--b-label", "pd", "--b-cmd", pdserve_cmd("cpu-pd-bench.yaml")]
+    if preset == "agg-vs-vllm":
+        return ["--a-label", "vllm", "--a-cmd", vllm_cmd(),
+                *[x for e in VLLM_ENV for x in ("--a-env", e)],
+                "--b-label", "pdserve-agg", "--b-cmd", agg]
+    if preset == "vllm-vs-vllm":
+        env = [x for e in VLLM_ENV for x in ("--a-env", e)]
+        return ["--a-label", "vllm-1", "--a-cmd", vllm_cmd(), *env,
+                "--b-label", "vllm-2", "--b-cmd", vllm_cmd(),
+                *[x.replace("--a-", "--b-") for x in env]]
+    raise BenchConfigError(f"unknown --preset {preset!r}; known: pd-vs-agg, agg-vs-vllm, "
+                           "vllm-vs-vllm")
+
+
+def preflight(preset: str) -> None:
+    """Fail fast, before any server starts, if our server refuses a preset's config."""
+    configs = {"pd-vs-agg": ["cpu-aggregated-bench.yaml", "cpu-pd-bench.yaml"],
+               "agg-vs-vllm": ["cpu-aggregated-bench.yaml"]}.get(preset, [])
+    if not configs:
+        return
+    from serving.app import build_app
+    from serving.config import app_config_from_file
+
+    for name in configs:
+        try:
+            build_app(app_config_from_file(HERE / name)[0])
+        except ValueError as err:
+            raise BenchConfigError(
+                f"{name}: pdserve cannot serve this config yet ({err}); try "
+                "--preset agg-vs-vllm, or give the side as --b-cmd/--b-base-url") from err
+
+
+def last_value(argv: list[str], flag: str, default: str) -> str:
+    values = [argv[i + 1] for i, x in enumerate(argv[:-1]) if x == flag]
+    return values[-1] if values else default
+
+
+def ab_argv(preset: str, result_dir: Path, stem: str, extra: list[str]) -> list[str]:
+    return [*WORKLOAD, *preset_sides(preset), "--result-dir", str(result_dir),
+            "--result-filename", f"{stem}.json", "--server-timeout", "900", *extra]
+
+
+def _side_result(result_dir: Path, stem: str, label: str) -> dict[str, Any]:
+    path = result_dir / f"{stem}-{label}.json"
+    if not path.exists():
+        raise BenchConfigError(f"no {path.name}: the headline table needs one load point "
+                               "(one --request-rate and one --max-concurrency)")
+    return json.loads(path.read_text())
+
+
+def headline_rows(a: dict[str, Any], b: dict[str, Any]) -> list[tuple[str, Any, Any]]:
+    """(title, A value, B value): the figures the issue asks for, overall and for the
+    short requests whose decoding the long prefills interrupt."""
+    rows = [("ITL p99 (ms)", a["p99_itl_ms"], b["p99_itl_ms"]),
+            ("TTFT p99 (ms)", a["p99_ttft_ms"], b["p99_ttft_ms"]),
+            ("goodput (req/s)", a["request_goodput"], b["request_goodput"])]
+    short_a, short_b = a.get("per_kind", {}).get("short"), b.get("per_kind", {}).get("short")
+    if short_a and short_b:
+        rows.append(("short requests' ITL p99 (ms)", short_a["p99_itl_ms"],
+                     short_b["p99_itl_ms"]))
+    rows += [("ITL median (ms)", a["median_itl_ms"], b["median_itl_ms"]),
+             ("TTFT median (ms)", a["median_ttft_ms"], b["median_ttft_ms"]),
+             ("output throughput (tok/s)", a["output_throughput"], b["output_throughput"]),
+             ("failed requests", a["failed"], b["failed"])]
+    return rows
+
+
+def headline_markdown(a: dict[str, Any], b: dict[str, Any]) -> str:
+    la, lb = a["label"], b["label"]
+    lines = [f"| metric | {la} (A) | {lb} (B) | B/A |", "|---|---:|---:|---:|"]
+    for title, va, vb in headline_rows(a, b):
+        r = f"{vb / va:.2f}x" if va else "-"
+        fa, fb = (f"{v:.1f}" if isinstance(v, float) else str(v) for v in (va, vb))
+        lines.append(f"| {title} | {fa} | {fb} | {r} |")
+    itl = b["p99_itl_ms"] / a["p99_itl_ms"] if a["p99_itl_ms"] else float("inf")
+    good_ok = (b["request_goodput"] or 0) >= (a["request_goodput"] or 0)
+    met = itl <= GOAL_ITL_RATIO and good_ok
+    lines += ["", f"Goal (B ITL p99 <= {GOAL_ITL_RATIO}x A at equal or better goodput): "
+              f"{'met' if met else 'not met'} (ITL p99 ratio {itl:.2f}x, goodput "
+              f"{'>=' if good_ok else '<'} A)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="pdserve bench scenario pd_vs_aggregated",
+                                     description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--preset", default="pd-vs-agg",
+                        choices=["pd-vs-agg", "agg-vs-vllm", "vllm-vs-vllm"])
+    parser.add_argument("--result-dir", default=None,
+                        help="default: results/pd_vs_aggregated-<date>")
+    parser.add_argument("--dry-run", action="store_true",
+                        help="print the `pdserve bench ab` command and stop")
+    args, extra = parser.parse_known_args(sys.argv[1:] if argv is None else argv)
+    now = datetime.now().strftime("%Y%m%d-%H%M%S")
+    result_dir = Path(args.result_dir or f"results/pd_vs_aggregated-{now}")
+    stem = f"{args.preset}"
+    try:
+        ab = ab_argv(args.preset, result_dir, stem, extra)
+        if args.dry_run:
+            print(shlex.join([sys.executable, "-m", "benchmarks", "ab", *ab]))
+            return 0
+        if not any(x.startswith(("--a-cmd", "--b-cmd")) for x in extra):
+            preflight(args.preset)
+        rc = run_ab(ab)
+        labels = [last_value(ab, f"--{k}-label", k.upper()) for k in ("a", "b")]
+        a, b = (_side_result(result_dir, stem, label) for label in labels)
+    except BenchError as err:
+        print(f"scenario: error: {err}", file=sys.stderr)
+        return err.exit_code
+    table = f"# Headline: {args.preset}\n\n" + headline_markdown(a, b)
+    (result_dir / f"{stem}-headline.md").write_text(table)
+    print("\n" + table)
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())

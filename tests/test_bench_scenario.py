@@ -1,0 +1,57 @@
+"""The headline scenario's plumbing, without the minutes its real run takes
+(`python -m benchmarks.scenarios.pd_vs_aggregated` is the real run)."""
+
+from __future__ import annotations
+
+import shlex
+
+import pytest
+
+from benchmarks.__main__ import main
+from benchmarks.scenarios import pd_vs_aggregated as scenario
+from serving.config import app_config_from_file
+
+
+def test_scenario_configs_are_valid_pdserve_configs() -> None:
+    agg, _ = app_config_from_file(scenario.HERE / "cpu-aggregated-bench.yaml")
+    pd, _ = app_config_from_file(scenario.HERE / "cpu-pd-bench.yaml")
+    assert agg.model == pd.model == "pdserve:bench"
+    assert agg.aggregated.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    assert pd.prefill.env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
+    assert pd.decode.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
+
+
+def test_dry_run_prints_one_ab_command_with_overrides_last(capsys) -> None:
+    assert main(["scenario", "pd_vs_aggregated", "--preset", "agg-vs-vllm", "--dry-run",
+                 "--num-prompts", "8"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert argv[1:4] == ["-m", "benchmarks", "ab"]
+    assert argv[argv.index("--dataset-name") + 1] == "mixed"
+    assert argv[len(argv) - 1 - argv[::-1].index("--num-prompts") + 1] == "8"
+    assert "vllm.entrypoints.openai.api_server" in argv[argv.index("--a-cmd") + 1]
+    assert "cpu-aggregated-bench.yaml" in argv[argv.index("--b-cmd") + 1]
+
+
+def test_unknown_scenario_and_preset_are_refused(capsys) -> None:
+    assert main(["scenario", "nope"]) == 2
+    assert "pd_vs_aggregated" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        scenario.main(["--preset", "nope"])
+
+
+def result(label: str, itl: float, ttft: float, goodput: float, short_itl: float) -> dict:
+    return {"label": label, "p99_itl_ms": itl, "p99_ttft_ms": ttft, "request_goodput": goodput,
+            "median_itl_ms": itl / 4, "median_ttft_ms": ttft / 4, "output_throughput": 50.0,
+            "failed": 0, "per_kind": {"short": {"p99_itl_ms": short_itl}}}
+
+
+def test_headline_table_reports_ratios_and_the_goal() -> None:
+    table = scenario.headline_markdown(result("aggregated", 400.0, 2000.0, 0.8, 500.0),
+                                       result("pd", 100.0, 2400.0, 0.8, 80.0))
+    assert "| ITL p99 (ms) | 400.0 | 100.0 | 0.25x |" in table
+    assert "| TTFT p99 (ms) | 2000.0 | 2400.0 | 1.20x |" in table
+    assert "| short requests' ITL p99 (ms) | 500.0 | 80.0 | 0.16x |" in table
+    assert "met (ITL p99 ratio 0.25x" in table
+    worse = scenario.headline_markdown(result("aggregated", 400.0, 2000.0, 0.8, 500.0),
+                                       result("pd", 100.0, 2400.0, 0.5, 80.0))
+    assert "not met" in worse
