@@ -96,11 +96,12 @@ def _chunk_text(choice: dict[str, Any], chat: bool) -> str:
 
 async def _read_stream(response: httpx.Response, out: RequestOutput, chat: bool) -> None:
     """Consume the SSE stream into `out`; raise `_RequestFailed` on a bad ending."""
-    num_chunks = 0
+    num_chunks, saw_data = 0, False
     last = out.start_time
     async for line in response.aiter_lines():
         if not line.startswith("data:"):
             continue  # blank separators, comments (": ping"), event names
+        saw_data = True
         data = line[5:].strip()
         if data == "[DONE]":
             if num_chunks == 0:
@@ -130,6 +131,9 @@ async def _read_stream(response: httpx.Response, out: RequestOutput, chat: bool)
         if isinstance(usage, dict):
             out.output_tokens = int(usage.get("completion_tokens") or 0)
             out.prompt_len = int(usage.get("prompt_tokens") or out.prompt_len)
+    if not saw_data:
+        kind = response.headers.get("content-type", "no content-type")
+        raise _RequestFailed(f"bad response: not an event stream ({kind})")
     raise _RequestFailed(f"stream cut: connection ended after {num_chunks} token "
                          "chunks without [DONE]")
 

@@ -26,7 +26,7 @@ CHUNK = 'data: {"choices":[{"index":0,"text":"tok"}]}\n\n'
 
 class FakeHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
-    mode = "ok"  # set per server class: ok, error, cut, error_event, every_other
+    mode = "ok"  # set per server class: ok, error, cut, error_event, not_streaming, every_other
     count = 0
 
     def log_message(self, *args) -> None:  # keep test output quiet
@@ -44,6 +44,9 @@ class FakeHandler(BaseHTTPRequestHandler):
             mode = "ok" if cls.count % 2 else "error"
         if mode == "error":
             self._send_json(500, {"error": {"message": "engine overloaded", "code": 500}})
+            return
+        if mode == "not_streaming":
+            self._send_json(200, {"choices": [{"text": "all at once"}]})
             return
         self.send_response(200)
         self.send_header("content-type", "text/event-stream")
@@ -100,6 +103,7 @@ def bench(base_url: str, out: Path, *extra: str) -> dict:
     ("error", "http 500", "engine overloaded"),
     ("cut", "stream cut", "after 2 token chunks without [DONE]"),
     ("error_event", "stream error", "decode replica died"),
+    ("not_streaming", "bad response", "not an event stream (application/json)"),
 ])
 def test_a_misbehaving_server_is_reported_not_fatal(mode: str, reason: str, detail: str,
                                                      tmp_path: Path) -> None:
