@@ -13,6 +13,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+LOG_SCALE_SPAN = 100.0  # a CDF whose samples span more than this ratio gets a log x-axis
 TITLES = {"ttft": "TTFT", "tpot": "TPOT", "itl": "ITL", "e2el": "E2E latency"}
 
 
@@ -39,11 +40,16 @@ def plot_cdfs(results: dict[str, dict[str, Any]], path: Path,
     fig, axes = plt.subplots(1, len(metrics), figsize=(4.2 * len(metrics), 3.6),
                              squeeze=False)
     for ax, metric in zip(axes[0], metrics):
+        spans: list[float] = []
         for label, result in results.items():
             values = np.sort(samples_ms(result, metric))
             if len(values):
                 ax.step(values, np.arange(1, len(values) + 1) / len(values),
                         where="post", label=label)
+                spans.extend([values[0], values[-1]])
+        positive = [v for v in spans if v > 0]
+        if positive and max(positive) / min(positive) > LOG_SCALE_SPAN:
+            ax.set_xscale("log")  # tails (e.g. ITL stalls behind a prefill) stay visible
         ax.set_title(f"{TITLES[metric]} CDF")
         ax.set_xlabel("ms")
         ax.set_ylabel("fraction of samples")

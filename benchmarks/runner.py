@@ -8,6 +8,7 @@ every request has finished or failed, so `duration` covers the slowest request.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import math
 import time
 from dataclasses import dataclass
@@ -70,7 +71,8 @@ async def _warm_up(client: httpx.AsyncClient, endpoint: EndpointSpec,
     """Send `num_warmups` requests (not measured); return how many failed."""
     if load.num_warmups <= 0:
         return 0
-    picks = [requests[i % len(requests)] for i in range(load.num_warmups)]
+    picks = [dataclasses.replace(requests[i % len(requests)], request_id=f"warmup-{i}")
+             for i in range(load.num_warmups)]
     gate = asyncio.Semaphore(load.max_concurrency or len(picks))
 
     async def one(req: SampleRequest) -> RequestOutput:
