@@ -40,7 +40,16 @@ def _fmt(value: Any) -> str:
         return "-"
     if isinstance(value, int):
         return str(value)
-    return f"{value:.3g}" if abs(value) < 100 else f"{value:.1f}"
+    return f"{value:.3g}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def _verdict(a: Any, b: Any, better: str) -> str:
+    """Which side is better; "same" within 2% (timing noise is larger than that)."""
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)):
+        return "-"
+    if a == b or (a and abs(b / a - 1) < 0.02):
+        return "same"
+    return "B" if (b < a) == (better == LOWER_IS_BETTER) else "A"
 
 
 def ratio_table(a: dict[str, Any], b: dict[str, Any], a_label: str, b_label: str,
@@ -52,12 +61,7 @@ def ratio_table(a: dict[str, Any], b: dict[str, Any], a_label: str, b_label: str
         if key not in a or key not in b:
             continue
         r = ratio(a[key], b[key])
-        if r is None:
-            verdict = "-"
-        elif abs(r - 1) < 0.02:
-            verdict = "same"
-        else:
-            verdict = "B" if (r < 1) == (better == LOWER_IS_BETTER) else "A"
+        verdict = _verdict(a[key], b[key], better)
         lines.append(f"| {title} | {_fmt(a[key])} | {_fmt(b[key])} | "
                      f"{'-' if r is None else f'{r:.2f}x'} | {verdict} |")
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -78,9 +79,12 @@ def run_suite(endpoint: EndpointSpec, requests: list[SampleRequest],
     suite = SuiteResult()
     sweep = len(loads) > 1
     for load in loads:
+        load_before = os.getloadavg()[0]
         outcome = asyncio.run(run_load(endpoint, requests, load, tokenizer))
+        # The 1-minute load average around the run: a busy shared host shows up here.
+        host = {"host_load_avg_before": load_before, "host_load_avg_after": os.getloadavg()[0]}
         result = build_result(outcome, load, stats.percentiles, stats.slos_ms,
-                              stats.percentile_metrics, meta, stats.save_detailed)
+                              stats.percentile_metrics, {**meta, **host}, stats.save_detailed)
         suite.results.append(result)
         if not quiet:
             print(format_summary(result, stats.percentiles, stats.percentile_metrics),

@@ -92,3 +92,17 @@ def test_arrivals_are_seeded_and_end_at_n_over_rate() -> None:
     assert arrival_offsets(4, 2.0, burstiness=math.inf) == pytest.approx([0.5, 1.0, 1.5, 2.0])
     with pytest.raises(BenchConfigError):
         arrival_offsets(4, 0.0)
+
+
+def test_ratio_table_says_which_side_is_better() -> None:
+    from benchmarks.compare import ratio_table
+
+    a = {"median_itl_ms": 20.0, "p99_itl_ms": 100.0, "request_goodput": 1.0, "failed": 0}
+    b = {"median_itl_ms": 20.1, "p99_itl_ms": 50.0, "request_goodput": 0.5, "failed": 2}
+    table = ratio_table(a, b, "agg", "pd", [90, 99])
+    assert "| metric | agg (A) | pd (B) | B/A | better |" in table
+    assert "| ITL median (ms) | 20.0 | 20.1 | 1.01x | same |" in table
+    assert "| ITL p99 (ms) | 100.0 | 50.0 | 0.50x | B |" in table
+    assert "| goodput (req/s) | 1 | 0.5 | 0.50x | A |" in table
+    assert "| failed requests | 0 | 2 | - | A |" in table
+    assert "TTFT" not in table  # metrics missing from the results are left out
