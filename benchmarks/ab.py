@@ -1,7 +1,8 @@
 """`pdserve bench ab`: two servers, the same seeded workload, back to back.
 
-Each side is a running server (`--a-base-url URL`) or a command the tool starts and
-stops itself (`--a-cmd "pdserve serve CONFIG --port {port}"`). Sides run one after
+Each side is a running server (`--a-base-url URL`), a command the tool starts and
+stops itself (`--a-cmd "pdserve serve CONFIG --port {port}"`), or a pdserve config
+(`--a-config CONFIG`, short for that command). Sides run one after
 the other, never together, so they do not share the machine. Files (stem S):
 S-<A>.json ... and S-<B>.json ... per side (as a single run writes them), then
 S-ab.md (ratio tables), S-ab.json (both sides' summaries), S-ab-cdf.png and, for a
@@ -14,6 +15,7 @@ import argparse
 import contextlib
 import json
 import shlex
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -48,6 +50,8 @@ def build_ab_parser() -> argparse.ArgumentParser:
         g.add_argument(f"--{side}-base-url", help="A running server")
         g.add_argument(f"--{side}-cmd", help="A server command to start; '{port}' is "
                                              "replaced by a free port")
+        g.add_argument(f"--{side}-config", help="A pdserve config to serve: short for "
+                                                "--X-cmd 'pdserve serve CONFIG --port {port}'")
         g.add_argument(f"--{side}-model", help="Model name on this side (default: --model, "
                                                "else what the server lists)")
         g.add_argument(f"--{side}-env", action="append", default=[], metavar="KEY=VALUE",
@@ -59,9 +63,13 @@ def build_ab_parser() -> argparse.ArgumentParser:
 
 def side_of(args: argparse.Namespace, key: str) -> Side:
     url, cmd = getattr(args, f"{key}_base_url"), getattr(args, f"{key}_cmd")
-    if bool(url) == bool(cmd):
-        raise BenchConfigError(f"side {key.upper()}: give exactly one of --{key}-base-url "
-                               f"and --{key}-cmd")
+    config = getattr(args, f"{key}_config")
+    if sum(map(bool, (url, cmd, config))) != 1:
+        raise BenchConfigError(f"side {key.upper()}: give exactly one of --{key}-base-url, "
+                               f"--{key}-cmd and --{key}-config")
+    if config:
+        cmd = shlex.join([sys.executable, "-m", "serving.cli", "serve", config,
+                          "--port", "{port}"])
     env = {}
     for pair in getattr(args, f"{key}_env"):
         k, sep, v = pair.partition("=")

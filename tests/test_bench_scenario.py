@@ -55,3 +55,24 @@ def test_headline_table_reports_ratios_and_the_goal() -> None:
     worse = scenario.headline_markdown(result("aggregated", 400.0, 2000.0, 0.8, 500.0),
                                        result("pd", 100.0, 2400.0, 0.5, 80.0))
     assert "not met" in worse
+
+
+def test_a_side_given_on_the_command_line_replaces_the_presets(capsys) -> None:
+    assert main(["scenario", "pd_vs_aggregated", "--dry-run",
+                 "--b-base-url", "http://127.0.0.1:8123", "--b-label", "mine"]) == 0
+    argv = shlex.split(capsys.readouterr().out)
+    assert "--b-cmd" not in argv and "--a-cmd" in argv
+    assert argv[argv.index("--b-base-url") + 1] == "http://127.0.0.1:8123"
+
+
+def test_ab_sides_take_a_url_a_command_or_a_pdserve_config() -> None:
+    from benchmarks.ab import build_ab_parser, side_of
+    from benchmarks.errors import BenchConfigError
+
+    args = build_ab_parser().parse_args(["--a-config", "configs/cpu-aggregated.yaml",
+                                         "--b-base-url", "http://127.0.0.1:1",
+                                         "--b-cmd", "x"])
+    a = side_of(args, "a")
+    assert shlex.split(a.command)[1:4] == ["-m", "serving.cli", "serve"]
+    with pytest.raises(BenchConfigError, match="exactly one"):
+        side_of(args, "b")

@@ -101,8 +101,23 @@ def last_value(argv: list[str], flag: str, default: str) -> str:
     return values[-1] if values else default
 
 
+SOURCE_FLAGS = ("-cmd", "-config", "-base-url")
+
+
+def overridden_sides(extra: list[str]) -> set[str]:
+    """Sides ('a', 'b') whose server the user gives on the command line."""
+    return {flag[2] for flag in extra
+            if flag[:4] in ("--a-", "--b-") and flag.split("=")[0][3:] in SOURCE_FLAGS}
+
+
 def ab_argv(preset: str, result_dir: Path, stem: str, extra: list[str]) -> list[str]:
-    return [*WORKLOAD, *preset_sides(preset), "--result-dir", str(result_dir),
+    """The `ab` flags: workload, the preset's sides minus any the user replaces, extras."""
+    sides, mine = preset_sides(preset), overridden_sides(extra)
+    kept: list[str] = []
+    for flag, value in zip(sides[::2], sides[1::2]):
+        if not (flag[2] in mine and flag[3:] in SOURCE_FLAGS + ("-env",)):
+            kept += [flag, value]
+    return [*WORKLOAD, *kept, "--result-dir", str(result_dir),
             "--result-filename", f"{stem}.json", "--server-timeout", "900", *extra]
 
 
@@ -166,7 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(shlex.join([sys.executable, "-m", "benchmarks", "ab", *ab]))
             return 0
-        if not any(x.startswith(("--a-cmd", "--b-cmd")) for x in extra):
+        if not overridden_sides(extra):
             preflight(args.preset)
         rc = run_ab(ab)
         labels = [last_value(ab, f"--{k}-label", k.upper()) for k in ("a", "b")]
