@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import shlex
+from pathlib import Path
 
 import pytest
 
@@ -12,24 +13,27 @@ from benchmarks.scenarios import pd_vs_aggregated as scenario
 from serving.config import app_config_from_file
 
 
-def test_scenario_configs_are_valid_pdserve_configs() -> None:
-    agg, _ = app_config_from_file(scenario.HERE / "cpu-aggregated-bench.yaml")
-    pd, _ = app_config_from_file(scenario.HERE / "cpu-pd-bench.yaml")
-    assert agg.model == pd.model == "pdserve:bench"
+def test_scenario_configs_are_the_repo_configs_on_the_bench_model(tmp_path: Path) -> None:
+    agg, _ = app_config_from_file(scenario.aggregated_config(tmp_path))
+    assert agg.model == "pdserve:bench"
     assert agg.aggregated.env["VLLM_CPU_OMP_THREADS_BIND"] == "0-1"
+    if not (scenario.REPO / "configs" / "cpu-pd.yaml").exists():
+        pytest.skip("configs/cpu-pd.yaml has not landed")
+    pd, _ = app_config_from_file(scenario.pd_config(tmp_path))
+    assert pd.model == "pdserve:bench"
     assert pd.prefill.env["VLLM_CPU_OMP_THREADS_BIND"] == "0"
     assert pd.decode.env["VLLM_CPU_OMP_THREADS_BIND"] == "1"
 
 
-def test_dry_run_prints_one_ab_command_with_overrides_last(capsys) -> None:
+def test_dry_run_prints_one_ab_command_with_overrides_last(capsys, tmp_path: Path) -> None:
     assert main(["scenario", "pd_vs_aggregated", "--preset", "agg-vs-vllm", "--dry-run",
-                 "--num-prompts", "8"]) == 0
+                 "--result-dir", str(tmp_path), "--num-prompts", "8"]) == 0
     argv = shlex.split(capsys.readouterr().out)
     assert argv[1:4] == ["-m", "benchmarks", "ab"]
     assert argv[argv.index("--dataset-name") + 1] == "mixed"
     assert argv[len(argv) - 1 - argv[::-1].index("--num-prompts") + 1] == "8"
     assert "vllm.entrypoints.openai.api_server" in argv[argv.index("--a-cmd") + 1]
-    assert "cpu-aggregated-bench.yaml" in argv[argv.index("--b-cmd") + 1]
+    assert str(tmp_path / "config-aggregated.yaml") in argv[argv.index("--b-cmd") + 1]
 
 
 def test_unknown_scenario_and_preset_are_refused(capsys) -> None:
@@ -57,11 +61,12 @@ def test_headline_table_reports_ratios_and_the_goal() -> None:
     assert "not met" in worse
 
 
-def test_a_side_given_on_the_command_line_replaces_the_presets(capsys) -> None:
-    assert main(["scenario", "pd_vs_aggregated", "--dry-run",
+def test_a_side_given_on_the_command_line_replaces_the_presets(capsys, tmp_path) -> None:
+    assert main(["scenario", "pd_vs_aggregated", "--dry-run", "--preset", "agg-vs-vllm",
+                 "--result-dir", str(tmp_path),
                  "--b-base-url", "http://127.0.0.1:8123", "--b-label", "mine"]) == 0
     argv = shlex.split(capsys.readouterr().out)
-    assert "--b-cmd" not in argv and "--a-cmd" in argv
+    assert "--b-cmd" not in argv and "--a-cmd" in argv  # vLLM stays as A
     assert argv[argv.index("--b-base-url") + 1] == "http://127.0.0.1:8123"
 
 

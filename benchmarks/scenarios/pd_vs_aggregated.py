@@ -22,11 +22,15 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from benchmarks.ab import run_ab
 from benchmarks.errors import BenchConfigError, BenchError
 
 HERE = Path(__file__).resolve().parent
+REPO = HERE.parents[1]
 MODEL = "pdserve:bench"
+KV_CACHE_GIB = "2"
 GOAL_ITL_RATIO = 0.5
 
 WORKLOAD = [
@@ -42,8 +46,41 @@ WORKLOAD = [
 ]
 
 
-def pdserve_cmd(config: str) -> str:
-    return f"{shlex.quote(sys.executable)} -m serving.cli serve {HERE / config} --port {{port}}"
+def scenario_config(source: str, target: Path, pins: dict[str, str]) -> Path:
+    """The repo's config `source` (configs/), serving the bench model, pools pinned as
+    `pins` says (pool -> VLLM_CPU_OMP_THREADS_BIND); the lead's config stays the truth
+    for everything else (router policy, KV connector)."""
+    path = REPO / "configs" / source
+    if not path.exists():
+        raise BenchConfigError(f"{path} is missing: this scenario side needs it")
+    data = yaml.safe_load(path.read_text())
+    args = data["applications"][0]["args"]
+    args["model"] = MODEL
+    for pool, cores in pins.items():
+        if not isinstance(args.get(pool), dict):
+            raise BenchConfigError(f"{path}: no '{pool}' pool")
+        env = args[pool].setdefault("env", {})
+        env.update({"VLLM_CPU_KVCACHE_SPACE": KV_CACHE_GIB, "VLLM_CPU_OMP_THREADS_BIND": cores})
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(yaml.safe_dump(data, sort_keys=False))
+    return target
+
+
+def aggregated_config(result_dir: Path) -> Path:
+    """One engine, threads on both cores."""
+    return scenario_config("cpu-aggregated.yaml", result_dir / "config-aggregated.yaml",
+                           {"aggregated": "0-1"})
+
+
+def pd_config(result_dir: Path) -> Path:
+    """Prefill engine on core 0, decode engine on core 1."""
+    return scenario_config("cpu-pd.yaml", result_dir / "config-pd.yaml",
+                           {"prefill": "0", "decode": "1"})
+
+
+def pdserve_cmd(config: Path) -> str:
+    return shlex.join([sys.executable, "-m", "serving.cli", "serve", str(config),
+                       "--port", "{port}"])
 
 
 def vllm_cmd() -> str:
@@ -59,16 +96,16 @@ def vllm_cmd() -> str:
 VLLM_ENV = ["VLLM_CPU_KVCACHE_SPACE=2", "VLLM_CPU_OMP_THREADS_BIND=0-1"]
 
 
-def preset_sides(preset: str) -> list[str]:
+def preset_sides(preset: str, result_dir: Path) -> list[str]:
     """`ab` side flags of a preset: A is the baseline, B the candidate."""
-    agg = pdserve_cmd("cpu-aggregated-bench.yaml")
     if preset == "pd-vs-agg":
-        return ["--a-label", "aggregated", "--a-cmd", agg,
-                "--b-label", "pd", "--b-cmd", pdserve_cmd("cpu-pd-bench.yaml")]
+        return ["--a-label", "aggregated", "--a-cmd", pdserve_cmd(aggregated_config(result_dir)),
+                "--b-label", "pd", "--b-cmd", pdserve_cmd(pd_config(result_dir))]
     if preset == "agg-vs-vllm":
         return ["--a-label", "vllm", "--a-cmd", vllm_cmd(),
                 *[x for e in VLLM_ENV for x in ("--a-env", e)],
-                "--b-label", "pdserve-agg", "--b-cmd", agg]
+                "--b-label", "pdserve-agg", "--b-cmd",
+                pdserve_cmd(aggregated_config(result_dir))]
     if preset == "vllm-vs-vllm":
         env = [x for e in VLLM_ENV for x in ("--a-env", e)]
         return ["--a-label", "vllm-1", "--a-cmd", vllm_cmd(), *env,
@@ -78,21 +115,20 @@ def preset_sides(preset: str) -> list[str]:
                            "vllm-vs-vllm")
 
 
-def preflight(preset: str) -> None:
-    """Fail fast, before any server starts, if our server refuses a preset's config."""
-    configs = {"pd-vs-agg": ["cpu-aggregated-bench.yaml", "cpu-pd-bench.yaml"],
-               "agg-vs-vllm": ["cpu-aggregated-bench.yaml"]}.get(preset, [])
-    if not configs:
-        return
+def preflight(argv: list[str]) -> None:
+    """Fail fast, before any server starts, if our server refuses a side's config."""
     from serving.app import build_app
     from serving.config import app_config_from_file
 
-    for name in configs:
+    for cmd in (v for f, v in zip(argv, argv[1:]) if f in ("--a-cmd", "--b-cmd")):
+        parts = shlex.split(cmd)
+        if parts[1:4] != ["-m", "serving.cli", "serve"]:
+            continue
         try:
-            build_app(app_config_from_file(HERE / name)[0])
+            build_app(app_config_from_file(parts[4])[0])
         except ValueError as err:
             raise BenchConfigError(
-                f"{name}: pdserve cannot serve this config yet ({err}); try "
+                f"{parts[4]}: pdserve cannot serve this config yet ({err}); try "
                 "--preset agg-vs-vllm, or give the side as --b-cmd/--b-base-url") from err
 
 
@@ -112,7 +148,7 @@ def overridden_sides(extra: list[str]) -> set[str]:
 
 def ab_argv(preset: str, result_dir: Path, stem: str, extra: list[str]) -> list[str]:
     """The `ab` flags: workload, the preset's sides minus any the user replaces, extras."""
-    sides, mine = preset_sides(preset), overridden_sides(extra)
+    sides, mine = preset_sides(preset, result_dir), overridden_sides(extra)
     kept: list[str] = []
     for flag, value in zip(sides[::2], sides[1::2]):
         if not (flag[2] in mine and flag[3:] in SOURCE_FLAGS + ("-env",)):
@@ -181,8 +217,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.dry_run:
             print(shlex.join([sys.executable, "-m", "benchmarks", "ab", *ab]))
             return 0
-        if not overridden_sides(extra):
-            preflight(args.preset)
+        preflight(ab)
         rc = run_ab(ab)
         labels = [last_value(ab, f"--{k}-label", k.upper()) for k in ("a", "b")]
         a, b = (_side_result(result_dir, stem, label) for label in labels)
