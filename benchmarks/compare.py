@@ -35,7 +35,7 @@ def ratio(a: Any, b: Any) -> float | None:
     return b / a
 
 
-def _fmt(value: Any) -> str:
+def fmt_value(value: Any) -> str:
     if value is None:
         return "-"
     if isinstance(value, int):
@@ -62,7 +62,7 @@ def ratio_table(a: dict[str, Any], b: dict[str, Any], a_label: str, b_label: str
             continue
         r = ratio(a[key], b[key])
         verdict = _verdict(a[key], b[key], better)
-        lines.append(f"| {title} | {_fmt(a[key])} | {_fmt(b[key])} | "
+        lines.append(f"| {title} | {fmt_value(a[key])} | {fmt_value(b[key])} | "
                      f"{'-' if r is None else f'{r:.2f}x'} | {verdict} |")
     return "\n".join(lines)
 

@@ -25,6 +25,7 @@ from typing import Any
 import yaml
 
 from benchmarks.ab import run_ab
+from benchmarks.compare import fmt_value
 from benchmarks.errors import BenchConfigError, BenchError
 
 HERE = Path(__file__).resolve().parent
@@ -187,8 +188,7 @@ def headline_markdown(a: dict[str, Any], b: dict[str, Any]) -> str:
     lines = [f"| metric | {la} (A) | {lb} (B) | B/A |", "|---|---:|---:|---:|"]
     for title, va, vb in headline_rows(a, b):
         r = f"{vb / va:.2f}x" if va else "-"
-        fa, fb = (f"{v:.1f}" if isinstance(v, float) else str(v) for v in (va, vb))
-        lines.append(f"| {title} | {fa} | {fb} | {r} |")
+        lines.append(f"| {title} | {fmt_value(va)} | {fmt_value(vb)} | {r} |")
     itl = b["p99_itl_ms"] / a["p99_itl_ms"] if a["p99_itl_ms"] else float("inf")
     good_ok = (b["request_goodput"] or 0) >= (a["request_goodput"] or 0)
     met = itl <= GOAL_ITL_RATIO and good_ok
