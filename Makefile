@@ -4,7 +4,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-CONFIG ?= configs/cpu-aggregated.yaml
+CONFIG ?= configs/cpu-pd.yaml
 HOST ?= 127.0.0.1
 PORT ?= 8000
 export PDSERVE_MODEL_CACHE ?= $(CURDIR)/models

@@ -19,11 +19,9 @@ POOL_DEPLOYMENT_NAMES = {Role.AGGREGATED: "AggregatedEngine", Role.PREFILL: "Pre
 def build_app(args: dict[str, Any] | AppConfig) -> serve.Application:
     """Validate the config first, then bind router, engine pool(s) and ingress."""
     config = args if isinstance(args, AppConfig) else AppConfig.model_validate(args or {})
-    if config.is_disaggregated:
-        raise ValueError("prefill/decode pools are not served yet; use the 'aggregated' pool")
     data = config.model_dump()
-    router = router_deployment().bind()
-    engine = engine_deployment(config.aggregated, Role.AGGREGATED,
-                               POOL_DEPLOYMENT_NAMES[Role.AGGREGATED]).bind(
-        data, Role.AGGREGATED.value, router)
-    return ingress_deployment().bind(data, engine, router)
+    router = router_deployment().bind(config.router.model_dump())
+    engines = {role.value: engine_deployment(pool, role, POOL_DEPLOYMENT_NAMES[role]).bind(
+                   data, role.value, router)
+               for role, pool in config.pools().items()}
+    return ingress_deployment().bind(data, router, **engines)

@@ -44,6 +44,9 @@ class PoolConfig(StrictModel):
     ray_actor_options: dict[str, Any] = Field(
         default_factory=lambda: {"num_cpus": 1},
         description="Ray resources of one replica, e.g. {num_gpus: 1} on GPU nodes.")
+    kv_connector: dict[str, Any] = Field(
+        default_factory=dict, description="PDConnector settings (kv_connector_extra_config) "
+                                          "of a prefill or decode pool: lease_s, host, ...")
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "PoolConfig":
@@ -63,10 +66,19 @@ class RouterConfig(StrictModel):
     """Assignment of requests to prefill and decode replicas (P/D deployments)."""
 
     policy: Literal["least_loaded", "round_robin", "conditional"] = Field(
-        "least_loaded", description="Replica choice policy.")
+        "least_loaded", description="Replica choice: least-loaded or round-robin (always "
+                                   "remote prefill), or conditional (least-loaded, local "
+                                   "prefill for short prompts or a long prefill queue).")
     local_prefill_max_tokens: int = Field(
-        0, ge=0, description="Prompts with at most this many uncached tokens are prefilled "
-                             "by the decode replica itself (0: always remote).")
+        64, ge=0, description="'conditional' policy: prompts with at most this many tokens "
+                              "are prefilled by the decode replica itself.")
+    prefill_queue_ratio: float = Field(
+        4.0, gt=0, description="'conditional' policy: prefill locally when the prefill "
+                               "pool's waiting requests per replica exceed this multiple of "
+                               "decode's (plus one).")
+    prefill_timeout_s: float = Field(
+        30.0, gt=0, description="A remote prefill that takes longer is abandoned and the "
+                                "decode replica prefills locally.")
     session_header: str = Field(
         "x-session-id", description="Requests with the same value of this header stay on "
                                     "one decode replica.")

@@ -25,11 +25,21 @@ from serving.protocol import validate_request
 logger = logging.getLogger("pdserve.engine")
 
 ENDPOINTS = ("completions", "chat")
+KV_ROLES = {Role.PREFILL: "kv_producer", Role.DECODE: "kv_consumer"}
 REPORT_INTERVAL_S = 0.5
 HEARTBEAT_S = 2.0
 
 
-def build_vllm_args(config: AppConfig, pool: PoolConfig) -> argparse.Namespace:
+def _kv_transfer_config(pool: PoolConfig, role: Role) -> Any:
+    from vllm.config import KVTransferConfig
+
+    return KVTransferConfig(kv_connector="PDConnector", kv_connector_module_path="kvtransfer",
+                            kv_role=KV_ROLES[role], kv_load_failure_policy="recompute",
+                            kv_connector_extra_config=dict(pool.kv_connector))
+
+
+def build_vllm_args(config: AppConfig, pool: PoolConfig,
+                    role: Role = Role.AGGREGATED) -> argparse.Namespace:
     """vLLM's flat argument namespace (frontend + engine args), as its server builds it.
 
     Unknown keys in `engine_kwargs` raise TypeError naming the key.
@@ -41,6 +51,8 @@ def build_vllm_args(config: AppConfig, pool: PoolConfig) -> argparse.Namespace:
     kwargs = dict(pool.engine_kwargs)
     frontend_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in frontend_fields
                        and k not in {f.name for f in dataclasses.fields(AsyncEngineArgs)}}
+    if role in KV_ROLES:
+        kwargs["kv_transfer_config"] = _kv_transfer_config(pool, role)
     engine_args = AsyncEngineArgs(model=resolve_model(config.model),
                                   served_model_name=[config.model_name], **kwargs)
     frontend_args = FrontendArgs(**frontend_kwargs)
@@ -54,13 +66,23 @@ class LoadStatLogger:
         self.num_running = 0
         self.num_waiting = 0
         self.kv_cache_usage = 0.0
+        # cumulative token counts: prompt tokens the connector supplied (external hits)
+        # out of those it was asked about, and local prefix-cache hits
+        self.counters = {"external_hit_tokens": 0, "external_query_tokens": 0,
+                         "local_hit_tokens": 0}
 
     def record(self, scheduler_stats: Any, iteration_stats: Any,
                mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
-        if scheduler_stats is not None:
-            self.num_running = scheduler_stats.num_running_reqs
-            self.num_waiting = scheduler_stats.num_waiting_reqs
-            self.kv_cache_usage = scheduler_stats.kv_cache_usage
+        if scheduler_stats is None:
+            return
+        self.num_running = scheduler_stats.num_running_reqs
+        self.num_waiting = scheduler_stats.num_waiting_reqs
+        self.kv_cache_usage = scheduler_stats.kv_cache_usage
+        external = scheduler_stats.connector_prefix_cache_stats
+        if external is not None:
+            self.counters["external_hit_tokens"] += external.hits
+            self.counters["external_query_tokens"] += external.queries
+        self.counters["local_hit_tokens"] += scheduler_stats.prefix_cache_stats.hits
 
     def log_engine_initialized(self) -> None:
         pass
@@ -86,7 +108,7 @@ class EngineServer:
         self.replica_id = _replica_id()
         pool = self.config.pools()[self.role]
         started = time.monotonic()
-        args = build_vllm_args(self.config, pool)
+        args = build_vllm_args(self.config, pool, self.role)
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         engine_args = AsyncEngineArgs.from_cli_args(args)
@@ -106,8 +128,12 @@ class EngineServer:
         self._reporter = (asyncio.get_running_loop().create_task(self._report_load())
                           if router is not None else None)
 
-    async def generate(self, endpoint: str, body: dict) -> AsyncIterator[str | dict]:
-        """Run one OpenAI request; see the module docstring for what it yields."""
+    async def generate(self, endpoint: str, body: dict,
+                       replica_id: str | None = None) -> AsyncIterator[str | dict]:
+        """Run one OpenAI request; see the module docstring for what it yields.
+
+        `replica_id` is read by Serve's request router (PinnedReplicaRouter) only.
+        """
         from vllm.entrypoints.serve.engine.protocol import ErrorResponse
 
         handler = self.handlers.get(endpoint)
@@ -132,7 +158,8 @@ class EngineServer:
     async def stats(self) -> dict:
         return {"replica_id": self.replica_id, "role": self.role.value,
                 "num_running": self.load.num_running, "num_waiting": self.load.num_waiting,
-                "kv_cache_usage": self.load.kv_cache_usage, "started_s": self.started_s}
+                "kv_cache_usage": self.load.kv_cache_usage, "started_s": self.started_s,
+                "counters": dict(self.load.counters)}
 
     async def check_health(self) -> None:
         await self.engine.check_health()
@@ -142,7 +169,8 @@ class EngineServer:
         last, last_sent = None, 0.0
         while True:
             stats = await self.stats()
-            key = (stats["num_running"], stats["num_waiting"], stats["kv_cache_usage"])
+            key = (stats["num_running"], stats["num_waiting"], stats["kv_cache_usage"],
+                   tuple(stats["counters"].values()))
             if key != last or time.monotonic() - last_sent >= HEARTBEAT_S:
                 try:
                     await self._router.report.remote(stats)
@@ -177,6 +205,11 @@ def engine_deployment(pool: PoolConfig, role: Role, name: str) -> serve.Deployme
         "health_check_period_s": 10, "health_check_timeout_s": 30,
         "graceful_shutdown_timeout_s": 5,
     }
+    if role in KV_ROLES:
+        from ray.serve.config import RequestRouterConfig
+
+        options["request_router_config"] = RequestRouterConfig(
+            request_router_class="serving.replica_router.PinnedReplicaRouter")
     if pool.autoscaling_config is not None:
         options["autoscaling_config"] = pool.autoscaling_config
     else:

@@ -20,7 +20,8 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from serving.config import AppConfig
+from serving.config import AppConfig, Role
+from serving.dispatch import Dispatch, Dispatcher
 from serving.errors import (AuthenticationError, BadRequestError, NotFoundError,
                             OverloadedError, RequestTooLargeError, ServingError,
                             UpstreamTimeoutError, error_body, error_for)
@@ -48,10 +49,13 @@ async def _validation_error(request: Request, exc: RequestValidationError) -> JS
 class OpenAIIngress:
     """Serves /v1/completions, /v1/chat/completions, /v1/models, /health, /metrics."""
 
-    def __init__(self, config: dict, engine: Any, router: Any):
+    def __init__(self, config: dict, router: Any, aggregated: Any = None, prefill: Any = None,
+                 decode: Any = None):
         self.config = AppConfig.model_validate(config)
-        self.engine = engine
         self.router = router
+        engines = {Role.AGGREGATED: aggregated, Role.PREFILL: prefill, Role.DECODE: decode}
+        self.dispatcher = Dispatcher(self.config, router,
+                                     {k: v for k, v in engines.items() if v is not None})
         self.metrics = ServingMetrics()
         self.api_key = self.config.resolved_api_key()
         self._models: dict | None = None
@@ -71,7 +75,7 @@ class OpenAIIngress:
         try:
             self._authorize(request)
             if self._models is None:
-                self._models = await self.engine.models.remote()
+                self._models = await self.dispatcher.models()
             return JSONResponse(self._models)
         except Exception as exc:
             return _error_response(exc, request_id)
@@ -94,14 +98,21 @@ class OpenAIIngress:
     async def _serve(self, endpoint: str, request: Request) -> Response:
         request_id = _request_id(request)
         timer = RequestTimer(endpoint)
+        dispatch = None
         try:
             self._authorize(request)
             body = await self._read_body(request)
             stream, client_wants_usage = self._validate(endpoint, body)
             deadline = time.monotonic() + self.config.request_timeout_s
-            reply = self.engine.options(stream=True).generate.remote(endpoint, body)
+            dispatch = await self.dispatcher.start(
+                endpoint, body, request.headers.get(self.config.router.session_header))
+            timer.path = dispatch.path
+            self.metrics.decisions.labels(dispatch.path, dispatch.reason).inc()
+            reply = dispatch.reply
             first = await _next_before(reply, deadline)
         except Exception as exc:
+            if dispatch is not None:
+                await self.dispatcher.on_failure(dispatch, exc)
             response = _error_response(exc, request_id)
             timer.finish(self.metrics, response.status_code, None)
             return response
@@ -109,14 +120,15 @@ class OpenAIIngress:
             status = int(first["error"]["code"]) if "error" in first else 200
             timer.finish(self.metrics, status, first.get("usage"))
             return JSONResponse(first, status, headers={"x-request-id": request_id})
-        events = self._relay(first, reply, deadline, timer, client_wants_usage, request_id)
+        events = self._relay(first, dispatch, deadline, timer, client_wants_usage, request_id)
         return StreamingResponse(events, media_type="text/event-stream",
                                  headers={"x-request-id": request_id})
 
-    async def _relay(self, first: str, reply: Any, deadline: float, timer: RequestTimer,
-                     client_wants_usage: bool, request_id: str) -> AsyncIterator[str]:
+    async def _relay(self, first: str, dispatch: Dispatch, deadline: float,
+                     timer: RequestTimer, client_wants_usage: bool,
+                     request_id: str) -> AsyncIterator[str]:
         """Pass SSE events through, timing token events; errors end the stream cleanly."""
-        usage, status, event = None, 200, first
+        usage, status, event, reply = None, 200, first, dispatch.reply
         try:
             while True:
                 payload = _event_payload(event)
@@ -135,6 +147,7 @@ class OpenAIIngress:
                 except StopAsyncIteration:
                     break
         except Exception as exc:
+            await self.dispatcher.on_failure(dispatch, exc)
             status, err = error_for(_unwrap(exc), request_id)
             yield f"data: {json.dumps(err)}\n\n"
             yield SSE_DONE

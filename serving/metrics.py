@@ -11,6 +11,7 @@ import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.core import CounterMetricFamily
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
                    1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
@@ -26,12 +27,17 @@ class ServingMetrics:
         reg = self.registry
         self.requests = Counter("pdserve_requests", "Finished HTTP requests.",
                                 ["endpoint", "status"], registry=reg)
+        # path: aggregated, remote (P/D), local (decode prefilled), fallback (a remote
+        # prefill failed and decode prefilled)
         self.ttft = Histogram("pdserve_time_to_first_token_seconds",
                               "Time to the first token of streamed responses.",
-                              ["endpoint"], buckets=LATENCY_BUCKETS, registry=reg)
+                              ["endpoint", "path"], buckets=LATENCY_BUCKETS, registry=reg)
         self.itl = Histogram("pdserve_inter_token_latency_seconds",
                              "Gap between consecutive token events of streamed responses.",
-                             ["endpoint"], buckets=GAP_BUCKETS, registry=reg)
+                             ["endpoint", "path"], buckets=GAP_BUCKETS, registry=reg)
+        self.decisions = Counter("pdserve_router_decisions",
+                                 "Where requests were prefilled, and why.",
+                                 ["decision", "reason"], registry=reg)
         self.e2e = Histogram("pdserve_e2e_request_latency_seconds",
                              "Request latency from arrival to the last byte.",
                              ["endpoint"], buckets=LATENCY_BUCKETS, registry=reg)
@@ -47,8 +53,11 @@ class ServingMetrics:
         self.kv_usage = Gauge("pdserve_replica_kv_cache_usage_ratio",
                               "Fraction of each replica's KV cache in use.", labels,
                               registry=reg)
+        self.replica_counters = _ReplicaCounters()
+        reg.register(self.replica_counters)
 
     def set_replica_loads(self, loads: list[dict]) -> None:
+        self.replica_counters.loads = loads
         for gauge in (self.running, self.waiting, self.kv_usage):
             gauge.clear()
         for load in loads:
@@ -61,11 +70,34 @@ class ServingMetrics:
         return generate_latest(self.registry)
 
 
+class _ReplicaCounters:
+    """Cumulative per-replica counts as the replicas last reported them."""
+
+    HELP = {"external_hit_tokens": "Prompt tokens whose KV came through the connector "
+                                   "(remote prefill) instead of being computed.",
+            "external_query_tokens": "Prompt tokens the connector was asked about.",
+            "local_hit_tokens": "Prompt tokens served from the replica's own prefix cache."}
+
+    def __init__(self) -> None:
+        self.loads: list[dict] = []
+
+    def collect(self):
+        for name, help_text in self.HELP.items():
+            family = CounterMetricFamily(f"pdserve_replica_{name}", help_text,
+                                         labels=["pool", "replica"])
+            for load in self.loads:
+                value = (load.get("counters") or {}).get(name)
+                if value is not None:
+                    family.add_metric([load["role"], load["replica_id"]], value)
+            yield family
+
+
 @dataclass(slots=True)
 class RequestTimer:
     """Timestamps of one request's token events, flushed into metrics at the end."""
 
     endpoint: str
+    path: str = "none"
     start: float = field(default_factory=time.perf_counter)
     last_token: float | None = None
     gaps: list[float] = field(default_factory=list)
@@ -83,8 +115,8 @@ class RequestTimer:
         metrics.requests.labels(self.endpoint, str(status)).inc()
         metrics.e2e.labels(self.endpoint).observe(time.perf_counter() - self.start)
         if self.ttft is not None:
-            metrics.ttft.labels(self.endpoint).observe(self.ttft)
-        itl = metrics.itl.labels(self.endpoint)
+            metrics.ttft.labels(self.endpoint, self.path).observe(self.ttft)
+        itl = metrics.itl.labels(self.endpoint, self.path)
         for gap in self.gaps:
             itl.observe(gap)
         if usage:

@@ -1,48 +1,94 @@
-"""The router: one actor that holds the routing state of every engine replica.
+"""The router: one actor that holds the routing state of every engine replica and
+answers `assign()` for each P/D request.
 
 Engine replicas report their load (running and waiting requests, KV-cache usage)
-every ~0.5 s; the ingress reads a snapshot for metrics and health. A replica that
-has not reported for `STALE_AFTER_S` is treated as gone.
+when it changes, at most every 0.5 s, and every 2 s as a heartbeat. A replica that has
+not reported for `STALE_AFTER_S`, or that the ingress saw fail, is not assigned until
+it reports again after the failure.
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import asdict, dataclass
+from collections import OrderedDict
+from dataclasses import asdict
 
 from ray import serve
 
+from serving.config import RouterConfig
+from serving.policies import ReplicaLoad, RouteRequest, make_policy
+
 STALE_AFTER_S = 5.0
-
-
-@dataclass(slots=True)
-class ReplicaLoad:
-    replica_id: str
-    role: str
-    num_running: int
-    num_waiting: int
-    kv_cache_usage: float
-    reported_at: float
+MAX_SESSIONS = 100_000
 
 
 class Router:
-    def __init__(self) -> None:
+    def __init__(self, config: dict | None = None) -> None:
+        self.config = RouterConfig.model_validate(config or {})
+        self.policy = make_policy(self.config)
         self.replicas: dict[str, ReplicaLoad] = {}
+        self.failed_at: dict[str, float] = {}
+        self.sessions: OrderedDict[str, str] = OrderedDict()
 
     def report(self, stats: dict) -> None:
         """Called by each engine replica with its `EngineServer.stats()`."""
-        self.replicas[stats["replica_id"]] = ReplicaLoad(
-            replica_id=stats["replica_id"], role=stats["role"],
-            num_running=stats["num_running"], num_waiting=stats["num_waiting"],
-            kv_cache_usage=stats["kv_cache_usage"], reported_at=time.monotonic())
+        now = time.monotonic()
+        replica_id = stats["replica_id"]
+        if now - self.failed_at.get(replica_id, -STALE_AFTER_S) < 1.0:
+            return  # a report sent before the failure was seen
+        self.failed_at.pop(replica_id, None)
+        self.replicas[replica_id] = ReplicaLoad(
+            replica_id=replica_id, role=stats["role"], num_running=stats["num_running"],
+            num_waiting=stats["num_waiting"], kv_cache_usage=stats["kv_cache_usage"],
+            reported_at=now, counters=dict(stats.get("counters") or {}))
+
+    def mark_failed(self, replica_id: str) -> None:
+        """The ingress saw this replica fail: stop assigning it until it reports again."""
+        self.replicas.pop(replica_id, None)
+        self.failed_at[replica_id] = time.monotonic()
 
     def snapshot(self) -> list[dict]:
-        """Live replicas' latest load; forgets replicas that stopped reporting."""
+        """Live replicas' latest load."""
+        return [asdict(load) for load in self._live()]
+
+    def assign(self, num_prompt_tokens: int, session: str | None = None,
+               may_disaggregate: bool = True) -> dict:
+        """Pick {"decode": id, "prefill": id or None, "reason": ...} for one request.
+
+        Raises LookupError when no decode replica is live.
+        """
+        live = self._live()
+        prefill = [r for r in live if r.role == "prefill"]
+        decode = [r for r in live if r.role == "decode"]
+        if not decode:
+            raise LookupError("no live decode replica")
+        route = self.policy.route(RouteRequest(num_prompt_tokens, session, may_disaggregate),
+                                  prefill, decode)
+        decode_id = self._sticky(session, route.decode, {r.replica_id for r in decode})
+        # Count the request now, so assignments between two reports spread out.
+        self.replicas[decode_id].num_waiting += 1
+        if route.prefill is not None:
+            self.replicas[route.prefill].num_waiting += 1
+        return {"decode": decode_id, "prefill": route.prefill, "reason": route.reason}
+
+    def _sticky(self, session: str | None, chosen: str, live_decode: set[str]) -> str:
+        if session is None:
+            return chosen
+        previous = self.sessions.get(session)
+        if previous in live_decode:
+            self.sessions.move_to_end(session)
+            return previous
+        self.sessions[session] = chosen
+        if len(self.sessions) > MAX_SESSIONS:
+            self.sessions.popitem(last=False)
+        return chosen
+
+    def _live(self) -> list[ReplicaLoad]:
         now = time.monotonic()
         for replica_id in [r for r, load in self.replicas.items()
                            if now - load.reported_at > STALE_AFTER_S]:
             del self.replicas[replica_id]
-        return [asdict(load) for load in self.replicas.values()]
+        return list(self.replicas.values())
 
 
 def router_deployment() -> serve.Deployment:

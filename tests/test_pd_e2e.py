@@ -1,0 +1,144 @@
+"""P/D serving as a client sees it: `pdserve serve configs/cpu-pd.yaml` (prefill and
+decode engines, KV over UCX) must answer exactly what one aggregated engine answers."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import threading
+
+import httpx
+import psutil
+import pytest
+
+from serving.config import app_config_from_file
+from serving.model import resolve_model
+from tests.helpers.offline import reference_outputs
+from tests.helpers.servers import REPO, ServerProcess
+from tests.test_serving_e2e import long_prompt
+
+pytestmark = pytest.mark.e2e
+
+PD_CONFIG = "configs/cpu-pd.yaml"
+REQUESTS = [{"prompt": long_prompt(n), "max_tokens": 24} for n in (20, 130, 390)]  # ~90, 600, 1800 tokens
+SHORT = {"prompt": "Hi there", "max_tokens": 8}
+
+
+@pytest.fixture(scope="module")
+def pd_server():
+    server = ServerProcess(PD_CONFIG)
+    try:
+        server.ready_s = server.wait_ready()
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    config, _ = app_config_from_file(REPO / PD_CONFIG)
+    return reference_outputs(resolve_model(config.model), config.decode.engine_kwargs,
+                             REQUESTS + [SHORT], tmp_path_factory.mktemp("pd-offline"))
+
+
+def complete(server, req, **extra):
+    body = {"model": "pdserve:tiny", "prompt": req["prompt"], "max_tokens": req["max_tokens"],
+            "temperature": 0.0, "return_token_ids": True, **extra}
+    response = httpx.post(server.base_url + "/v1/completions", json=body, timeout=120)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def metric(server, name: str, **labels) -> float:
+    text = httpx.get(server.base_url + "/metrics").text
+    total = 0.0
+    for line in text.splitlines():
+        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
+            total += float(line.rsplit(" ", 1)[1])
+    return total
+
+
+def test_pd_output_equals_aggregated_and_decode_loaded_the_prompt(pd_server, reference):
+    for req, expected in zip(REQUESTS, reference):
+        remote_before = metric(pd_server, "pdserve_router_decisions_total", decision="remote")
+        hits_before = _decode_prompt_hits(pd_server)
+        reply = complete(pd_server, req)
+        assert reply["choices"][0]["token_ids"] == expected["token_ids"]
+        assert reply["choices"][0]["text"] == expected["text"]
+        assert metric(pd_server, "pdserve_router_decisions_total",
+                      decision="remote") == remote_before + 1
+        # The decode replica computed none of the prompt: every token but the last came
+        # from the prefill replica, or from its own prefix cache (these prompts share a
+        # prefix with each other).
+        num_prompt = len(expected["prompt_token_ids"])
+        _wait_for(lambda: _decode_prompt_hits(pd_server) - hits_before >= num_prompt - 1)
+
+
+def test_pd_streaming_equals_aggregated(pd_server, reference):
+    import openai
+
+    client = openai.OpenAI(base_url=pd_server.base_url + "/v1", api_key="none", max_retries=0)
+    for req, expected in zip(REQUESTS, reference):
+        chunks = list(client.completions.create(
+            model="pdserve:tiny", prompt=req["prompt"], max_tokens=req["max_tokens"],
+            temperature=0.0, stream=True, extra_body={"return_token_ids": True}))
+        ids = [c.choices[0].token_ids for c in chunks if c.choices and c.choices[0].token_ids]
+        assert sum(ids, []) == expected["token_ids"]
+        assert all(len(step) == 1 for step in ids)  # one SSE event per token, no bursts
+
+
+def test_short_prompt_is_prefilled_locally(pd_server, reference):
+    before = metric(pd_server, "pdserve_router_decisions_total", decision="local",
+                    reason="local_short")
+    reply = complete(pd_server, SHORT)
+    assert reply["choices"][0]["token_ids"] == reference[-1]["token_ids"]
+    assert metric(pd_server, "pdserve_router_decisions_total", decision="local",
+                  reason="local_short") == before + 1
+
+
+def test_killing_prefill_mid_run_loses_no_request(pd_server, reference):
+    results, errors = [], []
+    killed = threading.Event()
+    for i in range(20):
+        if i == 4:
+            _kill_prefill_replica(pd_server)
+            killed.set()
+        req, expected = REQUESTS[i % len(REQUESTS)], reference[i % len(REQUESTS)]
+        try:
+            reply = complete(pd_server, req)
+            results.append(reply["choices"][0]["token_ids"] == expected["token_ids"])
+        except AssertionError as exc:
+            errors.append(str(exc))
+    assert killed.is_set() and not errors, errors
+    assert results == [True] * 20
+    assert metric(pd_server, "pdserve_router_decisions_total", decision="fallback") + \
+        metric(pd_server, "pdserve_router_decisions_total", decision="local",
+               reason="local_no_prefill") >= 1
+
+
+def _decode_prompt_hits(server) -> float:
+    return (metric(server, "pdserve_replica_external_hit_tokens_total", pool="decode")
+            + metric(server, "pdserve_replica_local_hit_tokens_total", pool="decode"))
+
+
+def _kill_prefill_replica(server: ServerProcess) -> None:
+    """SIGKILL the prefill replica's actor process (a child of our server only)."""
+    root = psutil.Process(server.proc.pid)
+    for child in root.children(recursive=True):
+        try:
+            if re.search(r"ServeReplica:pdserve:PrefillEngine", " ".join(child.cmdline())):
+                os.kill(child.pid, signal.SIGKILL)
+                return
+        except psutil.NoSuchProcess:
+            continue
+    raise AssertionError("no prefill replica process found under the server")
+
+
+def _wait_for(predicate, timeout_s: float = 10.0) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.25)

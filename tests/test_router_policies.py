@@ -1,0 +1,78 @@
+"""Routing policies and the router's state, without Ray."""
+
+import pytest
+
+from serving.config import RouterConfig
+from serving.policies import ReplicaLoad, RouteRequest, make_policy
+from serving.router import Router
+
+
+def load(replica_id, role, running=0, waiting=0, usage=0.0):
+    return ReplicaLoad(replica_id, role, running, waiting, usage, reported_at=0.0)
+
+
+def report(router, replica_id, role, running=0, waiting=0):
+    router.report({"replica_id": replica_id, "role": role, "num_running": running,
+                   "num_waiting": waiting, "kv_cache_usage": 0.0})
+
+
+def test_least_loaded_picks_the_shortest_queues():
+    policy = make_policy(RouterConfig(policy="least_loaded"))
+    route = policy.route(RouteRequest(1000), [load("p1", "prefill", 3), load("p2", "prefill", 1)],
+                         [load("d1", "decode", 2, 2), load("d2", "decode", 5)])
+    assert (route.prefill, route.decode, route.reason) == ("p2", "d1", "remote")
+
+
+def test_round_robin_alternates():
+    policy = make_policy(RouterConfig(policy="round_robin"))
+    decode = [load("d1", "decode"), load("d2", "decode")]
+    picks = [policy.route(RouteRequest(1000), [load("p", "prefill")], decode).decode
+             for _ in range(4)]
+    assert sorted(picks) == ["d1", "d1", "d2", "d2"]
+
+
+@pytest.mark.parametrize("tokens, prefill_waiting, expected", [
+    (10, 0, "local_short"), (1000, 0, "remote"), (1000, 50, "local_queue")])
+def test_conditional_disaggregation(tokens, prefill_waiting, expected):
+    policy = make_policy(RouterConfig(policy="conditional", local_prefill_max_tokens=64,
+                                      prefill_queue_ratio=4))
+    route = policy.route(RouteRequest(tokens), [load("p", "prefill", 1, prefill_waiting)],
+                         [load("d", "decode", 1, 1)])
+    assert route.reason == expected
+    assert (route.prefill is None) == (expected != "remote")
+
+
+def test_requests_p_d_cannot_serve_prefill_locally():
+    policy = make_policy(RouterConfig())
+    route = policy.route(RouteRequest(1000, may_disaggregate=False), [load("p", "prefill")],
+                         [load("d", "decode")])
+    assert route.prefill is None and route.reason == "local_unsupported"
+
+
+def test_router_spreads_between_reports_and_keeps_sessions():
+    router = Router({"policy": "least_loaded"})
+    for rid in ("d1", "d2"):
+        report(router, rid, "decode")
+    report(router, "p1", "prefill")
+    first, second = router.assign(1000), router.assign(1000)
+    assert {first["decode"], second["decode"]} == {"d1", "d2"}
+    sticky = router.assign(1000, session="abc")["decode"]
+    assert all(router.assign(1000, session="abc")["decode"] == sticky for _ in range(5))
+
+
+def test_failed_replica_is_skipped_until_it_reports_again(monkeypatch):
+    router = Router()
+    report(router, "d1", "decode")
+    report(router, "p1", "prefill")
+    router.mark_failed("p1")
+    assert router.assign(1000) == {"decode": "d1", "prefill": None,
+                                   "reason": "local_no_prefill"}
+    router.mark_failed("d1")
+    with pytest.raises(LookupError):
+        router.assign(1000)
+
+
+def test_unknown_policy_lists_known_ones():
+    config = RouterConfig.model_construct(policy="random")
+    with pytest.raises(ValueError, match="least_loaded"):
+        make_policy(config)
