@@ -42,28 +42,49 @@ def _summary(ttfts: list[float], itls: list[float]) -> dict:
             "itl_ms_p99": 1000 * sorted(itls)[int(0.99 * (len(itls) - 1))]}
 
 
+class _TokenClock:
+    """TTFT and inter-token gaps of sequential requests; the first request warms up."""
+
+    def __init__(self) -> None:
+        self.ttfts: list[float] = []
+        self.itls: list[float] = []
+        self.warm = False
+
+    def request(self) -> None:
+        self._start, self._last, self._gaps, self._first = time.perf_counter(), None, [], None
+
+    def token(self) -> None:
+        now = time.perf_counter()
+        if self._last is None:
+            self._first = now - self._start
+        else:
+            self._gaps.append(now - self._last)
+        self._last = now
+
+    def done(self) -> None:
+        if self.warm:
+            self.ttfts.append(self._first)
+            self.itls.extend(self._gaps)
+        self.warm = True
+
+    def summary(self) -> dict:
+        return _summary(self.ttfts, self.itls)
+
+
 def measure_endpoint(base_url: str, model: str, prompt: str, args) -> dict:
-    ttfts, itls = [], []
+    clock = _TokenClock()
     body = {"model": model, "prompt": prompt, "max_tokens": args.output_tokens,
             "temperature": 0.0, "ignore_eos": True, "stream": True}
     with httpx.Client(timeout=300, headers=_auth_headers()) as client:
-        for i in range(args.num_requests + 1):  # the first one warms up
-            start, last, gaps, first = time.perf_counter(), None, [], None
+        for _ in range(args.num_requests + 1):
+            clock.request()
             with client.stream("POST", base_url + "/v1/completions", json=body) as r:
                 r.raise_for_status()
                 for line in r.iter_lines():
-                    if not line.startswith("data: ") or line == "data: [DONE]":
-                        continue
-                    now = time.perf_counter()
-                    if last is None:
-                        first = now - start
-                    else:
-                        gaps.append(now - last)
-                    last = now
-            if i:
-                ttfts.append(first)
-                itls.extend(gaps)
-    return _summary(ttfts, itls)
+                    if line.startswith("data: ") and line != "data: [DONE]":
+                        clock.token()
+            clock.done()
+    return clock.summary()
 
 
 async def _measure_offline_async(model_path: str, engine_kwargs: dict, prompt: str,
@@ -74,23 +95,16 @@ async def _measure_offline_async(model_path: str, engine_kwargs: dict, prompt: s
 
     engine = AsyncLLM.from_engine_args(AsyncEngineArgs(model=model_path, **engine_kwargs))
     params = SamplingParams(temperature=0.0, max_tokens=args.output_tokens, ignore_eos=True)
-    ttfts, itls = [], []
+    clock = _TokenClock()
     try:
         for i in range(args.num_requests + 1):
-            start, last, gaps, first = time.perf_counter(), None, [], None
+            clock.request()
             async for _ in engine.generate(prompt, params, request_id=f"r{i}"):
-                now = time.perf_counter()
-                if last is None:
-                    first = now - start
-                else:
-                    gaps.append(now - last)
-                last = now
-            if i:
-                ttfts.append(first)
-                itls.extend(gaps)
+                clock.token()
+            clock.done()
     finally:
         engine.shutdown()
-    return _summary(ttfts, itls)
+    return clock.summary()
 
 
 def _auth_headers() -> dict:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from serving.config import app_config_from_file
-from tests.helpers.servers import REPO, ServerProcess
+from tests.helpers.servers import REPO, running_server
 
 AGGREGATED_CONFIG = "configs/cpu-aggregated.yaml"
 API_KEY = "test-key"
@@ -20,12 +20,8 @@ def aggregated_config():
 @pytest.fixture(scope="session")
 def aggregated_server():
     """`pdserve serve configs/cpu-aggregated.yaml` with an API key, as a user starts it."""
-    server = ServerProcess(AGGREGATED_CONFIG, env={"PDSERVE_API_KEY": API_KEY})
-    try:
-        server.ready_s = server.wait_ready()
+    with running_server(AGGREGATED_CONFIG, env={"PDSERVE_API_KEY": API_KEY}) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="session")

@@ -15,7 +15,7 @@ import pytest
 from serving.config import app_config_from_file
 from serving.model import resolve_model
 from tests.helpers.offline import reference_outputs
-from tests.helpers.servers import REPO, ServerProcess
+from tests.helpers.servers import REPO, ServerProcess, running_server
 from tests.test_serving_e2e import long_prompt
 
 pytestmark = pytest.mark.e2e
@@ -27,12 +27,8 @@ SHORT = {"prompt": "Hi there", "max_tokens": 8}
 
 @pytest.fixture(scope="module")
 def pd_server():
-    server = ServerProcess(PD_CONFIG)
-    try:
-        server.ready_s = server.wait_ready()
+    with running_server(PD_CONFIG) as server:
         yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture(scope="module")

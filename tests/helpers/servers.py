@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import socket
@@ -62,3 +63,14 @@ class ServerProcess:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
         return self.proc.returncode
+
+
+@contextlib.contextmanager
+def running_server(config: str, env: dict[str, str] | None = None):
+    """A ready `ServerProcess` (its `ready_s` set), stopped on exit."""
+    server = ServerProcess(config, env)
+    try:
+        server.ready_s = server.wait_ready()
+        yield server
+    finally:
+        server.stop()
