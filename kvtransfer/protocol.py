@@ -12,6 +12,7 @@ Conversation (decode side D dials prefill side P's listener):
     then, any number of times, in any order:
     D -> P  PullRequest(xfer_id, lease_id, runs, tag_base)
     P -> D  PullReply(xfer_id, ok, reason, num_messages)   then the data over UCX
+    P -> D  PullAbort(xfer_id, reason)   sending failed part way: give up at once
     D -> P  PullDone(lease_id, ok)       blocks received (or given up): free them
     D -> P  Heartbeat(lease_ids)         the decode request still waits: keep them
     D -> P  Release(lease_id)            the decode request went away: free them
@@ -79,6 +80,14 @@ class PullReply:
 
 
 @dataclass(frozen=True, slots=True)
+class PullAbort:
+    kind: ClassVar[str] = "pull_abort"
+    xfer_id: int
+    reason: str
+    message: str
+
+
+@dataclass(frozen=True, slots=True)
 class PullDone:
     kind: ClassVar[str] = "pull_done"
     lease_id: str
@@ -97,10 +106,14 @@ class Release:
     lease_id: str
 
 
-Message = ServerHello | Hello | HelloAck | PullRequest | PullReply | PullDone | Heartbeat | Release
+Message = (
+    ServerHello | Hello | HelloAck | PullRequest | PullReply | PullAbort | PullDone | Heartbeat
+    | Release
+)
 _KINDS = {
     cls.kind: cls
-    for cls in (ServerHello, Hello, HelloAck, PullRequest, PullReply, PullDone, Heartbeat, Release)
+    for cls in (ServerHello, Hello, HelloAck, PullRequest, PullReply, PullAbort, PullDone,
+                Heartbeat, Release)
 }
 
 

@@ -1,0 +1,243 @@
+"""Decode side of a transfer: pull a prefill request's blocks into local blocks.
+
+One `KVReceiver` per worker process. It keeps one control session per prefill peer
+(handshake once, then reused); the session's socket doubles as the liveness signal:
+when it closes, every pull waiting on that peer fails at once instead of timing out.
+
+A pull: agree on runs of (peer block -> local block), ask the peer, post receives
+straight into the local blocks, wait for all of them, tell the peer it may free. Any
+failure after receives were posted cancels them, so no late byte lands in blocks that
+vLLM is about to recompute into.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import itertools
+import logging
+from dataclasses import dataclass, field
+
+from .compat import KVSpec
+from .config import PDConnectorConfig
+from .errors import (
+    BlockRangeError, KVTransferError, PeerUnreachable, TransferFailed, TransferTimeout,
+    error_from_reason,
+)
+from .handshake import client_handshake
+from .memory import KVRegion, check_block_ids, coalesce
+from .metadata import LoadSpec
+from .protocol import (
+    Heartbeat, PullAbort, PullDone, PullReply, PullRequest, Release, read_message,
+    write_message,
+)
+from .transport import Transport
+
+logger = logging.getLogger(__name__)
+
+
+class PullState(enum.Enum):
+    CONNECTING = "connecting"
+    REQUESTED = "requested"
+    RECEIVING = "receiving"
+    DONE = "done"
+    FAILED = "failed"
+
+
+@dataclass(slots=True)
+class PullResult:
+    request_id: str
+    local_block_ids: list[int]
+    state: PullState = PullState.CONNECTING
+    num_bytes: int = 0
+    num_blocks: int = 0
+    seconds: float = 0.0
+    reason: str | None = None
+
+    @property
+    def ok(self) -> bool:
+        return self.state is PullState.DONE
+
+
+@dataclass(slots=True)
+class _Session:
+    reader: asyncio.StreamReader
+    writer: asyncio.StreamWriter
+    replies: dict[int, asyncio.Future] = field(default_factory=dict)
+    aborts: dict[int, asyncio.Future] = field(default_factory=dict)
+    closed: bool = False
+
+    async def send(self, msg) -> None:
+        if self.closed:
+            raise PeerUnreachable("control session closed")
+        try:
+            await write_message(self.writer, msg)
+        except (ConnectionError, OSError) as e:
+            raise PeerUnreachable(f"control session broke: {e}") from e
+
+    async def read_loop(self) -> None:
+        try:
+            while True:
+                msg = await read_message(self.reader)
+                if isinstance(msg, PullReply) and msg.xfer_id in self.replies:
+                    self.replies.pop(msg.xfer_id).set_result(msg)
+                elif isinstance(msg, PullAbort) and msg.xfer_id in self.aborts:
+                    fut = self.aborts[msg.xfer_id]
+                    if not fut.done():
+                        fut.set_exception(error_from_reason(msg.reason, msg.message))
+        except Exception:
+            pass
+        finally:
+            self.closed = True
+            self.writer.close()
+            for fut in [*self.replies.values(), *self.aborts.values()]:
+                if not fut.done():
+                    fut.set_exception(PeerUnreachable("peer closed the control session"))
+            self.replies.clear()
+
+
+class KVReceiver:
+    def __init__(
+        self, config: PDConnectorConfig, spec: KVSpec, regions: list[KVRegion],
+        transport: Transport,
+    ):
+        self._config = config
+        self._spec = spec
+        self._regions = regions
+        self._transport = transport
+        self._sessions: dict[tuple[str, int], _Session] = {}
+        self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
+        self._xfer_ids = itertools.count(1)
+        self._receiving: set[asyncio.Future] = set()
+
+    async def _session(self, host: str, port: int) -> _Session:
+        key = (host, int(port))
+        lock = self._connecting.setdefault(key, asyncio.Lock())
+        async with lock:
+            session = self._sessions.get(key)
+            if session is not None and not session.closed:
+                return session
+            try:
+                reader, writer = await asyncio.open_connection(host, int(port))
+            except OSError as e:
+                raise PeerUnreachable(f"cannot reach {host}:{port}: {e}") from e
+            try:
+                await client_handshake(reader, writer, self._spec, self._transport.address(),
+                                       self._config.shared_secret)
+            except BaseException:
+                writer.close()
+                raise
+            session = _Session(reader, writer)
+            asyncio.get_running_loop().create_task(session.read_loop())
+            self._sessions[key] = session
+            return session
+
+    async def pull(self, load: LoadSpec) -> PullResult:
+        """Run one pull to completion; never raises, the result says what happened."""
+        result = PullResult(load.request_id, list(load.local_block_ids))
+        loop = asyncio.get_running_loop()
+        start = loop.time()
+        try:
+            await asyncio.wait_for(self._pull(load, result), self._config.transfer_timeout_s)
+            result.state = PullState.DONE
+        except asyncio.TimeoutError:
+            result.reason = TransferTimeout.reason
+        except KVTransferError as e:
+            result.reason = e.reason
+            logger.warning("kvtransfer: pull for %s failed: %s", load.request_id, e)
+        except Exception as e:
+            result.reason = TransferFailed.reason
+            logger.warning("kvtransfer: pull for %s failed: %r", load.request_id, e)
+        if not result.ok:
+            self._abandon(result)
+            await self._notify(load, PullDone(load.remote_request_id, False))
+        result.seconds = loop.time() - start
+        return result
+
+    def _plan(self, load: LoadSpec):
+        local = list(load.local_block_ids)
+        remote = list(load.remote_block_ids)
+        check_block_ids(local, self._regions[0].num_blocks, "local")
+        if len(local) > len(remote):
+            raise BlockRangeError(f"{len(local)} local blocks but peer offers {len(remote)}")
+        # Blocks already computed locally (prefix hits) are the peer's leading ones.
+        return coalesce(remote[len(remote) - len(local):], local)
+
+    async def _pull(self, load: LoadSpec, result: PullResult) -> None:
+        runs = self._plan(load)
+        session = await self._session(load.remote_host, load.remote_port)
+        xfer_id = next(self._xfer_ids)
+        loop = asyncio.get_running_loop()
+        reply_fut, abort_fut = loop.create_future(), loop.create_future()
+        session.replies[xfer_id], session.aborts[xfer_id] = reply_fut, abort_fut
+        try:
+            result.state = PullState.REQUESTED
+            await session.send(PullRequest(
+                xfer_id, load.remote_request_id, [[r.src, r.length] for r in runs], xfer_id << 32
+            ))
+            reply: PullReply = await reply_fut
+            await self._receive(xfer_id, reply, runs, abort_fut, result)
+        finally:
+            session.replies.pop(xfer_id, None)
+            session.aborts.pop(xfer_id, None)
+            if not abort_fut.done():
+                abort_fut.cancel()
+        result.num_blocks = len(load.local_block_ids)
+        result.num_bytes = result.num_blocks * sum(r.block_bytes for r in self._regions)
+        await session.send(PullDone(load.remote_request_id, True))
+
+    async def _receive(self, xfer_id: int, reply: PullReply, runs, abort_fut: asyncio.Future,
+                       result: PullResult) -> None:
+        views = [region.view(r.dst, r.length) for region in self._regions for r in runs]
+        if not reply.ok:
+            raise error_from_reason(reply.reason, f"peer refused pull: {reply.message}")
+        if reply.num_messages != len(views):
+            raise TransferFailed(f"peer sends {reply.num_messages} messages, expected {len(views)}")
+        result.state = PullState.RECEIVING
+        waits = [self._transport.post_recv(v, (xfer_id << 32) + i) for i, v in enumerate(views)]
+        gathered = asyncio.gather(*waits)
+        self._receiving.add(gathered)
+        try:
+            await asyncio.wait({gathered, abort_fut}, return_when=asyncio.FIRST_COMPLETED)
+            if abort_fut.done() and not abort_fut.cancelled():
+                abort_fut.result()  # raises what the peer reported
+            gathered.result()
+        finally:
+            self._receiving.discard(gathered)
+            if not gathered.done():  # abandoned; cancel_receives() will finish it
+                gathered.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+    def _abandon(self, result: PullResult) -> None:
+        if result.state is PullState.RECEIVING:
+            # Receives may still be posted into blocks vLLM will recompute into; UCX
+            # cancels per worker, so other pulls in flight fail (and recompute) too.
+            logger.warning("kvtransfer: cancelling receives (%d pulls in flight)",
+                           len(self._receiving))
+            self._transport.cancel_receives()
+        result.state = PullState.FAILED
+
+    async def _notify(self, load: LoadSpec, msg) -> None:
+        session = self._sessions.get((load.remote_host, int(load.remote_port)))
+        if session is not None and not session.closed:
+            try:
+                await session.send(msg)
+            except KVTransferError:
+                pass
+
+    async def heartbeat(self, host: str, port: int, lease_ids: list[str]) -> None:
+        try:
+            session = await self._session(host, port)
+            await session.send(Heartbeat(lease_ids))
+        except KVTransferError as e:
+            logger.debug("kvtransfer: heartbeat to %s:%s failed: %s", host, port, e)
+
+    async def release(self, host: str, port: int, lease_id: str) -> None:
+        try:
+            session = await self._session(host, port)
+            await session.send(Release(lease_id))
+        except KVTransferError as e:
+            logger.debug("kvtransfer: release to %s:%s failed: %s", host, port, e)
+
+    async def close(self) -> None:
+        for session in self._sessions.values():
+            session.writer.close()

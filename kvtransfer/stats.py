@@ -1,0 +1,88 @@
+"""Connector stats, carried by vLLM's hooks: worker `get_kv_connector_stats()` ->
+KVConnectorOutput -> SchedulerStats.kv_connector_stats -> stat loggers, which rebuild
+this class with `PDConnector.build_kv_connector_stats(data)`.
+
+`data` stays a plain dict of numbers and lists so it crosses process boundaries as is.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+
+_COUNTERS = (
+    "num_pulls", "num_pull_failures", "bytes_received", "blocks_received",
+    "num_sends", "num_send_failures", "bytes_sent", "blocks_sent",
+    "leases_granted", "leases_released", "leases_expired",
+)
+
+
+def _empty() -> dict[str, Any]:
+    data: dict[str, Any] = {name: 0 for name in _COUNTERS}
+    data["pull_ms"] = []
+    data["failures"] = {}
+    data["leases_outstanding"] = 0
+    return data
+
+
+@dataclass
+class PDConnectorStats(KVConnectorStats):
+    def __post_init__(self) -> None:
+        if not self.data:
+            self.data = _empty()
+
+    def reset(self) -> None:
+        outstanding = self.data.get("leases_outstanding", 0)
+        self.data = _empty()
+        self.data["leases_outstanding"] = outstanding
+
+    def record_pull(self, ok: bool, num_bytes: int, num_blocks: int, seconds: float,
+                    reason: str | None) -> None:
+        self.data["num_pulls"] += 1
+        if ok:
+            self.data["bytes_received"] += num_bytes
+            self.data["blocks_received"] += num_blocks
+            self.data["pull_ms"].append(round(seconds * 1e3, 3))
+        else:
+            self._fail(reason or "error", "num_pull_failures")
+
+    def record_send(self, num_bytes: int, num_blocks: int, reason: str | None) -> None:
+        self.data["num_sends"] += 1
+        if reason is None:
+            self.data["bytes_sent"] += num_bytes
+            self.data["blocks_sent"] += num_blocks
+        else:
+            self._fail(reason, "num_send_failures")
+
+    def _fail(self, reason: str, counter: str) -> None:
+        self.data[counter] += 1
+        self.data["failures"][reason] = self.data["failures"].get(reason, 0) + 1
+
+    def aggregate(self, other: KVConnectorStats) -> "PDConnectorStats":
+        for name in _COUNTERS:
+            self.data[name] += other.data.get(name, 0)
+        self.data["pull_ms"].extend(other.data.get("pull_ms", []))
+        for reason, n in other.data.get("failures", {}).items():
+            self.data["failures"][reason] = self.data["failures"].get(reason, 0) + n
+        self.data["leases_outstanding"] = other.data.get(
+            "leases_outstanding", self.data["leases_outstanding"]
+        )
+        return self
+
+    def reduce(self) -> dict[str, int | float]:
+        out: dict[str, int | float] = {name: self.data[name] for name in _COUNTERS}
+        lat = sorted(self.data["pull_ms"])
+        out["leases_outstanding"] = self.data["leases_outstanding"]
+        if lat:
+            out["pull_ms_avg"] = round(sum(lat) / len(lat), 3)
+            out["pull_ms_p99"] = lat[min(len(lat) - 1, int(0.99 * len(lat)))]
+            secs = sum(lat) / 1e3
+            out["pull_gbps"] = round(self.data["bytes_received"] / secs / 1e9, 3) if secs else 0
+        for reason, n in self.data["failures"].items():
+            out[f"failures_{reason}"] = n
+        return out
+
+    def is_empty(self) -> bool:
+        return all(self.data[name] == 0 for name in _COUNTERS)

@@ -1,0 +1,199 @@
+"""Worker half of PDConnector: owns the KV memory view, the transport and the I/O loop.
+
+Called by vLLM on the engine thread; all network work happens on the I/O loop. The
+scheduler half talks to it only through `PDConnectorMetadata` (in) and the results of
+`get_finished` / `get_block_ids_with_load_errors` / `get_stats` (out).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from .compat import KVSpec
+from .config import PDConnectorConfig
+from .io_loop import IOLoop
+from .leases import LeaseTable
+from .memory import KVRegion, regions_from_kv_caches
+from .metadata import PDConnectorMetadata, PDHandshakeMetadata
+from .receiver import KVReceiver, PullResult
+from .sender import KVSender, SendRecord
+from .stats import PDConnectorStats
+from .transport import Transport, make_transport
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class ModelIdentity:
+    """The model-side fields of KVSpec, known before KV memory exists."""
+
+    model: str
+    block_size: int
+    num_kv_heads: int
+    head_size: int
+
+
+class PDWorker:
+    def __init__(self, config: PDConnectorConfig, identity: ModelIdentity,
+                 is_producer: bool, is_consumer: bool):
+        self.config = config
+        self._identity = identity
+        self._is_producer = is_producer
+        self._is_consumer = is_consumer
+        self._lock = threading.Lock()
+        self._stats = PDConnectorStats()
+        self._done_pulls: list[PullResult] = []
+        self._load_errors: set[int] = set()
+        self.leases = LeaseTable()
+        self.spec: KVSpec | None = None
+        self.regions: list[KVRegion] = []
+        self._io: IOLoop | None = None
+        self.transport: Transport | None = None
+        self.sender: KVSender | None = None
+        self.receiver: KVReceiver | None = None
+
+    # ---- start / stop -------------------------------------------------------------
+
+    def register_kv_caches(self, kv_caches: dict[str, torch.Tensor], num_blocks: int) -> None:
+        self.regions, layout = regions_from_kv_caches(kv_caches, num_blocks)
+        first = next(iter(kv_caches.values()))
+        ident = self._identity
+        self.spec = KVSpec(
+            model=ident.model, dtype=str(first.dtype).removeprefix("torch."),
+            block_size=ident.block_size, num_layers=len(kv_caches),
+            num_kv_heads=ident.num_kv_heads, head_size=ident.head_size, layout=layout,
+            region_block_bytes=tuple(r.block_bytes for r in self.regions),
+            num_blocks=num_blocks,
+        )
+        self._io = IOLoop()
+        self._io.run(self._start(), timeout=60)
+        logger.info("kvtransfer: worker ready (%s, %d regions, listener port %s)",
+                    self.config.transport, len(self.regions),
+                    self.sender.port if self.sender else None)
+
+    async def _start(self) -> None:
+        import asyncio
+
+        self.transport = make_transport(self.config.transport)
+        await self.transport.start()
+        if self._is_producer:
+            self.sender = KVSender(self.config, self.spec, self.regions, self.transport,
+                                   self.leases, self._record_send)
+            await self.sender.start()
+            asyncio.get_running_loop().create_task(self._expire_leases())
+        if self._is_consumer:
+            self.receiver = KVReceiver(self.config, self.spec, self.regions, self.transport)
+
+    async def _expire_leases(self) -> None:
+        import asyncio
+
+        period = min(1.0, self.config.lease_s / 4)
+        while True:
+            await asyncio.sleep(period)
+            expired = self.leases.expire()
+            if expired:
+                logger.info("kvtransfer: %d leases expired", len(expired))
+                with self._lock:
+                    self._stats.data["leases_expired"] += len(expired)
+
+    def handshake_metadata(self) -> PDHandshakeMetadata | None:
+        if self.sender is None:
+            return None
+        host = self.config.advertise_host or self.config.host
+        return PDHandshakeMetadata(host=host, port=self.sender.port)
+
+    def shutdown(self) -> None:
+        if self._io is None:
+            return
+
+        async def drain() -> None:
+            for part in (self.sender, self.receiver, self.transport):
+                if part is not None:
+                    await part.close()
+
+        self._io.stop(drain)
+        self._io = None
+
+    # ---- per step -----------------------------------------------------------------
+
+    def start_load_kv(self, meta: PDConnectorMetadata) -> None:
+        """Act on one step's metadata; returns at once (loads are asynchronous)."""
+        assert self._io is not None, "register_kv_caches must run first"
+        for grant in meta.grants:
+            self.leases.grant(grant.request_id, grant.block_ids, grant.lease_s)
+            if self.sender is not None:
+                self._io.call_soon(self.sender.notify_granted, grant.request_id)
+        if meta.grants:
+            with self._lock:
+                self._stats.data["leases_granted"] += len(meta.grants)
+        if self.receiver is None:
+            return
+        for note in meta.heartbeats:
+            self._io.submit(self.receiver.heartbeat(
+                note.remote_host, note.remote_port, list(note.lease_ids)))
+        for note in meta.releases:
+            for lease_id in note.lease_ids:
+                self._io.submit(self.receiver.release(note.remote_host, note.remote_port,
+                                                      lease_id))
+        for load in meta.loads:
+            fut = self._io.submit(self.receiver.pull(load))
+            fut.add_done_callback(self._pull_finished)
+
+    def _pull_finished(self, fut) -> None:
+        result: PullResult = fut.result()  # pull() never raises
+        with self._lock:
+            self._done_pulls.append(result)
+            self._stats.record_pull(result.ok, result.num_bytes, result.num_blocks,
+                                    result.seconds, result.reason)
+
+    def _record_send(self, record: SendRecord) -> None:
+        with self._lock:
+            self._stats.record_send(record.num_bytes, record.num_blocks, record.error)
+
+    def get_finished(self) -> tuple[set[str], set[str]]:
+        """(requests whose leases ended: free their blocks, requests whose pulls ended).
+
+        A failed pull is reported as finished too; its blocks go to the load-error set
+        in the same call, so vLLM recomputes them before anything reads them.
+        """
+        sending = self.leases.take_finished()
+        with self._lock:
+            done, self._done_pulls = self._done_pulls, []
+            for result in done:
+                if not result.ok:
+                    self._load_errors.update(result.local_block_ids)
+            if sending:
+                self._stats.data["leases_released"] += len(sending)
+        return sending, {r.request_id for r in done}
+
+    def get_block_ids_with_load_errors(self) -> set[int]:
+        with self._lock:
+            errors, self._load_errors = self._load_errors, set()
+        return errors
+
+    def get_stats(self) -> PDConnectorStats | None:
+        with self._lock:
+            self._stats.data["leases_outstanding"] = self.leases.num_outstanding
+            if self._stats.is_empty():
+                return None
+            stats, self._stats = self._stats, PDConnectorStats()
+            self._stats.data["leases_outstanding"] = stats.data["leases_outstanding"]
+            return stats
+
+
+def identity_from_vllm(vllm_config: Any) -> ModelIdentity:
+    model_config = vllm_config.model_config
+    name = model_config.served_model_name
+    if isinstance(name, (list, tuple)):
+        name = name[0]
+    return ModelIdentity(
+        model=str(name or model_config.model),
+        block_size=vllm_config.cache_config.block_size,
+        num_kv_heads=model_config.get_num_kv_heads(vllm_config.parallel_config),
+        head_size=model_config.get_head_size(),
+    )

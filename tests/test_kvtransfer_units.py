@@ -1,0 +1,243 @@
+"""Fast tests of kvtransfer's pure parts and of two workers over the loopback transport."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from kvtransfer.compat import KVSpec, check_compatible
+from kvtransfer.config import PDConnectorConfig
+from kvtransfer.errors import BlockRangeError, IncompatiblePeer, LeaseUnavailable
+from kvtransfer.leases import LeaseTable
+from kvtransfer.memory import Run, check_block_ids, coalesce, regions_from_kv_caches
+from kvtransfer.metadata import TransferParams
+from kvtransfer.protocol import ProtocolError, PullRequest, decode, encode
+from kvtransfer.worker import ModelIdentity
+from tests.kvtransfer_helpers.workers import grant, load, make_worker, wait_finished
+
+
+class FakeClock:
+    def __init__(self):
+        self.now = 100.0
+
+    def __call__(self):
+        return self.now
+
+
+# ---- leases ---------------------------------------------------------------------------
+
+def test_lease_expires_and_frees_once():
+    clock = FakeClock()
+    leases = LeaseTable(clock)
+    leases.grant("r1", [1, 2], 30)
+    clock.now += 29
+    assert leases.expire() == []
+    clock.now += 2
+    assert leases.expire() == ["r1"]
+    assert leases.take_finished() == {"r1"}
+    assert leases.take_finished() == set()
+    with pytest.raises(LeaseUnavailable, match="expired"):
+        leases.begin_read("r1", [1])
+
+
+def test_heartbeat_extends_lease():
+    clock = FakeClock()
+    leases = LeaseTable(clock)
+    leases.grant("r1", [1], 30)
+    clock.now += 25
+    assert leases.extend("r1", 30)
+    clock.now += 25
+    assert leases.expire() == []
+    assert not leases.extend("unknown", 30)
+
+
+def test_lease_is_not_freed_under_a_reader():
+    clock = FakeClock()
+    leases = LeaseTable(clock)
+    leases.grant("r1", [1, 2], 30)
+    leases.begin_read("r1", [2])
+    clock.now += 60
+    assert leases.expire() == []  # being read: not expired under the transfer
+    assert leases.release("r1", "done")
+    assert leases.take_finished() == set()  # deferred until the read ends
+    leases.end_read("r1")
+    assert leases.take_finished() == {"r1"}
+    assert leases.num_outstanding == 0
+
+
+def test_read_outside_lease_is_refused():
+    leases = LeaseTable()
+    leases.grant("r1", [1, 2], 30)
+    with pytest.raises(BlockRangeError):
+        leases.begin_read("r1", [1, 3])
+
+
+# ---- compatibility, memory, wire ------------------------------------------------------
+
+def _spec(**kw) -> KVSpec:
+    base = dict(model="m", dtype="float32", block_size=32, num_layers=4, num_kv_heads=2,
+                head_size=64, layout="blocks_first[2, 32, 128]", region_block_bytes=(32768,) * 4)
+    return KVSpec(**{**base, **kw})
+
+
+def test_compat_names_every_mismatch():
+    check_compatible(_spec(), _spec(num_blocks=7))  # block counts may differ
+    with pytest.raises(IncompatiblePeer, match="block_size.*dtype|dtype.*block_size"):
+        check_compatible(_spec(), _spec(block_size=16, dtype="bfloat16"))
+    assert KVSpec.from_dict(_spec().to_dict()) == _spec()
+
+
+def test_block_ids_are_bounds_checked():
+    check_block_ids([0, 15], 16, "local")
+    for bad in ([16], [-1], ["3"], [True]):
+        with pytest.raises(BlockRangeError):
+            check_block_ids(bad, 16, "local")
+
+
+def test_coalesce_merges_runs_in_either_order():
+    assert coalesce([4, 5, 6], [10, 11, 12]) == [Run(4, 10, 3)]
+    assert coalesce([6, 5, 4], [12, 11, 10]) == [Run(4, 10, 3)]
+    assert coalesce([1, 2, 9], [5, 7, 8]) == [Run(1, 5, 1), Run(2, 7, 1), Run(9, 8, 1)]
+    with pytest.raises(BlockRangeError):
+        coalesce([1, 2], [3])
+
+
+def test_regions_follow_cpu_and_cuda_layouts():
+    regions, layout = regions_from_kv_caches({"a": torch.zeros(8, 2, 32, 16)}, 8)
+    assert len(regions) == 1 and regions[0].block_bytes == 2 * 32 * 16 * 4
+    regions, layout = regions_from_kv_caches({"a": torch.zeros(2, 8, 32, 2, 8)}, 8)
+    assert [r.name for r in regions] == ["a.k", "a.v"] and layout.startswith("kv_first")
+    with pytest.raises(ValueError, match="unsupported KV layout"):
+        regions_from_kv_caches({"a": torch.zeros(3, 5)}, 8)
+
+
+def test_wire_messages_round_trip_and_reject_garbage():
+    msg = PullRequest(3, "req", [[1, 2]], 3 << 32)
+    assert decode(encode(msg)[4:]) == msg
+    with pytest.raises(ProtocolError):
+        decode(b'{"kind": "pull", "xfer_id": 1}')
+    with pytest.raises(ProtocolError):
+        decode(b"\xff")
+
+
+def test_transfer_params_follow_vllm_convention():
+    params = TransferParams("e", "r", [3, 4], "127.0.0.1", 5000, 64, 30.0).to_dict()
+    assert params["do_remote_prefill"] and not params["do_remote_decode"]
+    assert TransferParams.from_dict(params).remote_block_ids == [3, 4]
+    nixl_shaped = {**params, "remote_block_ids": [[3, 4]]}
+    assert TransferParams.from_dict(nixl_shaped).remote_block_ids == [3, 4]
+    assert TransferParams.from_dict({"do_remote_decode": True}) is None
+
+
+def test_config_rejects_unknown_keys():
+    with pytest.raises(ValidationError):
+        PDConnectorConfig.from_extra_config({"lease": 3})
+    assert PDConnectorConfig().heartbeat_period_s == 5.0
+
+
+# ---- two workers over loopback --------------------------------------------------------
+
+@pytest.fixture
+def pair():
+    prefill, p_caches = make_worker(producer=True)
+    decode_, d_caches = make_worker(producer=False)
+    yield prefill, p_caches, decode_, d_caches
+    prefill.shutdown()
+    decode_.shutdown()
+
+
+def test_pull_moves_blocks_and_releases_lease(pair):
+    prefill, p_caches, decode_, d_caches = pair
+    grant(prefill, "r1", [3, 4, 9])
+    load(decode_, prefill, "d1", "r1", local=[5, 6, 7], remote=[3, 4, 9])
+    sending, recving, errors = wait_finished(decode_)
+    assert recving == {"d1"} and not errors
+    for p, d in zip(p_caches.values(), d_caches.values()):
+        assert torch.equal(d[[5, 6, 7]], p[[3, 4, 9]])
+        assert not d[[0, 1, 2, 8]].any()
+    assert wait_finished(prefill)[0] == {"r1"}  # decode's done notice freed the lease
+    stats = decode_.get_stats().reduce()
+    assert stats["blocks_received"] == 3 and stats["num_pull_failures"] == 0
+
+
+def test_pull_of_tail_after_local_prefix_hit(pair):
+    prefill, p_caches, decode_, d_caches = pair
+    grant(prefill, "r1", [1, 2, 3])
+    load(decode_, prefill, "d1", "r1", local=[8, 9], remote=[1, 2, 3])
+    assert wait_finished(decode_)[1] == {"d1"}
+    layer0 = next(iter(d_caches.values()))
+    assert torch.equal(layer0[[8, 9]], next(iter(p_caches.values()))[[2, 3]])
+
+
+def test_unknown_lease_fails_into_recompute(pair):
+    prefill, _, decode_, _ = pair
+    load(decode_, prefill, "d1", "never-granted", local=[5], remote=[3])
+    _, recving, errors = wait_finished(decode_)
+    assert recving == {"d1"} and errors == {5}
+    assert decode_.get_stats().data["failures"] == {"lease_unavailable": 1}
+
+
+def test_blocks_outside_lease_or_memory_are_refused(pair):
+    prefill, _, decode_, _ = pair
+    grant(prefill, "r1", [3])
+    load(decode_, prefill, "d1", "r1", local=[5], remote=[4])  # not leased
+    assert wait_finished(decode_)[2] == {5}
+    load(decode_, prefill, "d2", "r1", local=[99], remote=[3])  # outside local memory
+    assert wait_finished(decode_)[2] == {99}
+    reasons = decode_.get_stats().data["failures"]
+    assert reasons == {"block_range": 2}
+
+
+def test_expired_lease_frees_blocks_and_refuses_pull(pair):
+    prefill, _, decode_, _ = pair
+    grant(prefill, "r1", [3], lease_s=0.3)
+    assert wait_finished(prefill, timeout=5)[0] == {"r1"}
+    assert prefill.get_stats().data["leases_expired"] == 1
+    load(decode_, prefill, "d1", "r1", local=[5], remote=[3])
+    assert wait_finished(decode_)[2] == {5}
+
+
+def test_failed_transfer_reports_blocks_and_frees_lease(pair):
+    prefill, _, decode_, _ = pair
+    prefill.transport.fail_sends_after = 1  # the second message of the pull fails
+    grant(prefill, "r1", [3, 5])
+    load(decode_, prefill, "d1", "r1", local=[6, 9], remote=[3, 5])
+    _, recving, errors = wait_finished(decode_)
+    assert recving == {"d1"} and errors == {6, 9}
+    assert wait_finished(prefill)[0] == {"r1"}
+
+
+def test_handshake_checks_secret_and_compatibility():
+    prefill, _ = make_worker(producer=True, shared_secret="s3cret")
+    wrong, _ = make_worker(producer=False, shared_secret="guess")
+    right, right_caches = make_worker(producer=False, shared_secret="s3cret")
+    other_model, _ = make_worker(producer=False, shared_secret="s3cret",
+                                 identity=ModelIdentity("other", 32, 2, 8))
+    try:
+        grant(prefill, "r1", [3])
+        cases = [(wrong, "auth_failed"), (other_model, "incompatible_peer")]
+        for worker, reason in cases:
+            load(worker, prefill, "d1", "r1", local=[5], remote=[3])
+            assert wait_finished(worker)[2] == {5}
+            assert worker.get_stats().data["failures"] == {reason: 1}
+        load(right, prefill, "d1", "r1", local=[5], remote=[3])
+        assert wait_finished(right) == (set(), {"d1"}, set())
+    finally:
+        for w in (prefill, wrong, right, other_model):
+            w.shutdown()
+
+
+def test_dead_peer_fails_fast():
+    prefill, _ = make_worker(producer=True)
+    decode_, _ = make_worker(producer=False)
+    port_holder = prefill
+    grant(prefill, "r1", [3])
+    prefill.shutdown()
+    t0 = time.monotonic()
+    load(decode_, port_holder, "d1", "r1", local=[5], remote=[3])
+    assert wait_finished(decode_)[2] == {5}
+    assert time.monotonic() - t0 < 3
+    decode_.shutdown()
