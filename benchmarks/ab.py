@@ -26,7 +26,7 @@ from benchmarks.errors import BenchConfigError
 from benchmarks.plots import plot_cdfs, plot_vs_load
 from benchmarks.report import summary_row
 from benchmarks.servers import ManagedServer
-from benchmarks.suite import SaveOptions, StatOptions, default_stem, run_suite
+from benchmarks.suite import SaveOptions, StatOptions, default_stem, run_suite, safe_name
 from benchmarks.targets import choose_tokenizer, make_target
 from benchmarks.workloads import build_workload
 
@@ -85,7 +85,7 @@ def running(side: Side, log_dir: Path, timeout_s: float) -> Iterator[str]:
     if side.base_url:
         yield side.base_url
         return
-    log = log_dir / f"server-{side.label}.log"
+    log = log_dir / f"server-{safe_name(side.label)}.log"
     server = ManagedServer(side.command, env=side.env, log_path=log, ready_timeout_s=timeout_s)
     print(f"starting {side.label}: {shlex.join(server.argv)} (log: {log})", flush=True)
     with server as url:
@@ -116,7 +116,8 @@ def run_ab(argv: list[str]) -> int:
                     "model_id": target.endpoint.model, "tokenizer_id": tokenizer_id,
                     "num_prompts": args.num_prompts, "dataset_name": args.dataset_name,
                     "seed": args.seed}
-            save = SaveOptions(out_dir, f"{stem}-{side.label}", plots=not args.no_plots)
+            save = SaveOptions(out_dir, f"{stem}-{safe_name(side.label)}",
+                               plots=not args.no_plots)
             results[side.label] = run_suite(target.endpoint, requests, loads, tokenizer,
                                             stats, meta, save).results
     write_ab_files(results, sides, percentiles, out_dir / stem, plots=not args.no_plots)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -66,10 +67,15 @@ def list_models(base_url: str, headers: dict[str, str] | None = None,
         return []
 
 
+def safe_name(text: str) -> str:
+    """`text` usable in a file name (labels and model names may hold '/', ':' or spaces)."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text).strip("_") or "run"
+
+
 def default_stem(label: str, model: str, load: LoadSpec | None) -> str:
     now = datetime.now().strftime("%Y%m%d-%H%M%S")
     point = f"-{load.label}" if load else ""
-    return f"{label}{point}-{model.rstrip('/').split('/')[-1]}-{now}"
+    return safe_name(f"{label}{point}-{model.rstrip('/').split('/')[-1]}-{now}")
 
 
 def run_suite(endpoint: EndpointSpec, requests: list[SampleRequest],

@@ -27,6 +27,7 @@ import yaml
 from benchmarks.ab import run_ab
 from benchmarks.compare import fmt_value
 from benchmarks.errors import BenchConfigError, BenchError
+from benchmarks.suite import safe_name
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -159,7 +160,7 @@ def ab_argv(preset: str, result_dir: Path, stem: str, extra: list[str]) -> list[
 
 
 def _side_result(result_dir: Path, stem: str, label: str) -> dict[str, Any]:
-    path = result_dir / f"{stem}-{label}.json"
+    path = result_dir / f"{stem}-{safe_name(label)}.json"
     if not path.exists():
         raise BenchConfigError(f"no {path.name}: the headline table needs one load point "
                                "(one --request-rate and one --max-concurrency)")
