@@ -25,6 +25,7 @@ def build_result(outcome: RunOutcome, load: LoadSpec, percentiles: list[float],
     result: dict[str, Any] = {
         "date": datetime.now().strftime("%Y%m%d-%H%M%S"),
         **meta,
+        "load_label": load.label,
         "request_rate": "inf" if math.isinf(load.request_rate) else load.request_rate,
         "burstiness": load.burstiness,
         "max_concurrency": load.max_concurrency,

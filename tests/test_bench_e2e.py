@@ -87,17 +87,20 @@ def test_chat_sweep_through_pdserve_bench(server: str, tmp_path: Path) -> None:
 def test_ab_of_two_endpoints_writes_a_ratio_table(server: str, tmp_path: Path) -> None:
     rc = main(["ab", "--a-base-url", server, "--a-label", "first",
                "--b-base-url", server, "--b-label", "second", *SMALL,
-               "--max-concurrency", "4", "--goodput", "ttft:5000",
+               "--max-concurrency", "4", "--goodput", "ttft:5000", "--rounds", "2",
                "--result-dir", str(tmp_path), "--result-filename", "cmp.json"])
     assert rc == 0
     table = (tmp_path / "cmp-ab.md").read_text()
     assert "| metric | first (A) | second (B) | B/A | better |" in table
     assert "| ITL p99 (ms) |" in table and "| goodput (req/s) |" in table
     summary = json.loads((tmp_path / "cmp-ab.json").read_text())
-    assert [p["completed"] for p in summary["first"] + summary["second"]] == [12, 12]
+    assert [p["completed"] for p in summary["first"] + summary["second"]] == [12, 12]  # medians
     for side in ("first", "second"):
-        result = json.loads((tmp_path / f"cmp-{side}.json").read_text())
-        assert result["label"] == side and len(result["input_lens"]) == 12
+        for k in (1, 2):
+            one = json.loads((tmp_path / f"cmp-{side}-r{k}.json").read_text())
+            assert one["label"] == side and len(one["input_lens"]) == 12
+        folded = json.loads((tmp_path / f"cmp-{side}.json").read_text())
+        assert folded["rounds"] == 2 and len(folded["input_lens"]) == 24  # pooled
     # Both sides ran the very same requests.
     a, b = (json.loads((tmp_path / f"cmp-{s}.json").read_text()) for s in ("first", "second"))
     assert a["input_lens"] == b["input_lens"]
