@@ -13,19 +13,21 @@ from pathlib import Path
 
 from benchmarks.cli import build_parser, load_specs, stat_options, workload_spec
 from benchmarks.errors import BenchError
+from benchmarks.runner import LoadSpec
 from benchmarks.suite import SaveOptions, StatOptions, default_stem, run_suite
 from benchmarks.targets import choose_tokenizer, make_target
 from benchmarks.workloads import build_workload
 
 
 def save_options(args: argparse.Namespace, label: str, model: str,
-                 num_loads: int, loads: list) -> SaveOptions:
+                 loads: list[LoadSpec]) -> SaveOptions:
+    """Files only with --save-result or --result-filename; a sweep's stem has no load."""
     if not (args.save_result or args.result_filename):
         return SaveOptions(stem=None)
     if args.result_filename:
         stem = Path(args.result_filename).with_suffix("").name
     else:
-        stem = default_stem(label, model, loads[0] if num_loads == 1 else None)
+        stem = default_stem(label, model, loads[0] if len(loads) == 1 else None)
     result_dir = Path(args.result_dir or Path(args.result_filename or ".").parent or ".")
     return SaveOptions(result_dir=result_dir, stem=stem, plots=not args.no_plots)
 
@@ -42,7 +44,7 @@ def run_single(argv: list[str]) -> int:
             "base_url": target.base_url, "model_id": target.endpoint.model,
             "tokenizer_id": tokenizer_id, "num_prompts": args.num_prompts,
             "dataset_name": args.dataset_name, "seed": args.seed}
-    save = save_options(args, label, target.endpoint.model, len(loads), loads)
+    save = save_options(args, label, target.endpoint.model, loads)
     suite = run_suite(target.endpoint, requests, loads, tokenizer,
                       StatOptions(percentiles, metrics, slos, args.save_detailed), meta, save)
     for path in suite.files:
