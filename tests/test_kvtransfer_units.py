@@ -241,3 +241,28 @@ def test_dead_peer_fails_fast():
     assert wait_finished(decode_)[2] == {5}
     assert time.monotonic() - t0 < 3
     decode_.shutdown()
+
+
+def test_heartbeats_keep_a_lease_alive(pair):
+    from kvtransfer.metadata import PDConnectorMetadata, PeerNotice
+
+    prefill, _, decode_, _ = pair
+    grant(prefill, "r1", [3], lease_s=0.6)
+    port = prefill.handshake_metadata().port
+    beat = PDConnectorMetadata(heartbeats=[PeerNotice("127.0.0.1", port, ("r1",))])
+    for _ in range(6):
+        decode_.start_load_kv(beat)
+        time.sleep(0.2)
+        assert prefill.get_finished()[0] == set()
+    load(decode_, prefill, "d1", "r1", local=[5], remote=[3])
+    assert wait_finished(decode_) == (set(), {"d1"}, set())
+
+
+def test_release_frees_a_lease_at_once(pair):
+    from kvtransfer.metadata import PDConnectorMetadata, PeerNotice
+
+    prefill, _, decode_, _ = pair
+    grant(prefill, "r1", [3])
+    port = prefill.handshake_metadata().port
+    decode_.start_load_kv(PDConnectorMetadata(releases=[PeerNotice("127.0.0.1", port, ("r1",))]))
+    assert wait_finished(prefill)[0] == {"r1"}
