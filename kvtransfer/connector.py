@@ -20,7 +20,7 @@ from vllm.v1.metrics.cache_hit_source import CacheHitSource
 
 from .config import PDConnectorConfig
 from .metadata import PDConnectorMetadata
-from .stats import PDConnectorStats
+from .stats import PDConnectorStats, PDPromMetrics
 
 if TYPE_CHECKING:
     import torch
@@ -120,6 +120,10 @@ class PDConnector(KVConnectorBase_V1):
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PDConnectorStats:
         return PDConnectorStats(data=dict(data) if data else {})
+
+    @classmethod
+    def build_prom_metrics(cls, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        return PDPromMetrics(vllm_config, metric_types, labelnames, per_engine_labelvalues)
 
     def shutdown(self):
         if self.worker is not None:

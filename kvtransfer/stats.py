@@ -10,7 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from vllm.distributed.kv_transfer.kv_connector.v1.metrics import KVConnectorStats
+from vllm.distributed.kv_transfer.kv_connector.v1.metrics import (
+    KVConnectorPromMetrics,
+    KVConnectorStats,
+)
+from vllm.v1.metrics.utils import create_metric_per_engine
 
 _COUNTERS = (
     "num_pulls", "num_pull_failures", "bytes_received", "blocks_received",
@@ -86,3 +90,52 @@ class PDConnectorStats(KVConnectorStats):
 
     def is_empty(self) -> bool:
         return all(self.data[name] == 0 for name in _COUNTERS)
+
+
+class PDPromMetrics(KVConnectorPromMetrics):
+    """Prometheus view of PDConnectorStats (created by vLLM per engine process)."""
+
+    _COUNTERS = {
+        "bytes_received": "Bytes of KV pulled into this engine.",
+        "bytes_sent": "Bytes of KV served to decode peers.",
+        "blocks_received": "KV blocks pulled into this engine.",
+        "num_pulls": "KV pulls attempted by this engine.",
+        "leases_granted": "Prefill leases granted.",
+        "leases_expired": "Prefill leases that expired before a pull came.",
+    }
+
+    def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):
+        super().__init__(vllm_config, metric_types, labelnames, per_engine_labelvalues)
+        self._counters = {
+            key: create_metric_per_engine(
+                self._counter_cls(name=f"vllm:pd_kv_{key}", documentation=doc,
+                                  labelnames=labelnames),
+                per_engine_labelvalues)
+            for key, doc in self._COUNTERS.items()
+        }
+        self._pull_seconds = create_metric_per_engine(
+            self._histogram_cls(
+                name="vllm:pd_kv_pull_seconds", documentation="Duration of one KV pull.",
+                buckets=[0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5, 1, 5],
+                labelnames=labelnames),
+            per_engine_labelvalues)
+        self._leases = create_metric_per_engine(
+            self._gauge_cls(name="vllm:pd_kv_leases_outstanding",
+                            documentation="Prefill leases currently held.",
+                            labelnames=labelnames),
+            per_engine_labelvalues)
+        self._failures = self._counter_cls(
+            name="vllm:pd_kv_failures", documentation="Failed pulls and sends by reason.",
+            labelnames=[*labelnames, "reason"])
+
+    def observe(self, transfer_stats_data: dict[str, Any], engine_idx: int = 0):
+        data = transfer_stats_data
+        for key, counter in self._counters.items():
+            if data.get(key):
+                counter[engine_idx].inc(data[key])
+        for ms in data.get("pull_ms", []):
+            self._pull_seconds[engine_idx].observe(ms / 1e3)
+        self._leases[engine_idx].set(data.get("leases_outstanding", 0))
+        labels = self.per_engine_labelvalues[engine_idx]
+        for reason, n in data.get("failures", {}).items():
+            self._failures.labels(*labels, reason).inc(n)

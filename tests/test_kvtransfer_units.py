@@ -266,3 +266,29 @@ def test_release_frees_a_lease_at_once(pair):
     port = prefill.handshake_metadata().port
     decode_.start_load_kv(PDConnectorMetadata(releases=[PeerNotice("127.0.0.1", port, ("r1",))]))
     assert wait_finished(prefill)[0] == {"r1"}
+
+
+def test_stats_aggregate_reduce_and_reach_prometheus():
+    from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+    from kvtransfer import PDConnector
+    from kvtransfer.stats import PDConnectorStats, PDPromMetrics
+
+    a, b = PDConnectorStats(), PDConnectorStats()
+    a.record_pull(True, 1000, 2, 0.002, None)
+    b.record_pull(False, 0, 0, 0.0, "timeout")
+    b.record_send(500, 1, None)
+    merged = PDConnector.build_kv_connector_stats(a.data).aggregate(b)
+    reduced = merged.reduce()
+    assert reduced["num_pulls"] == 2 and reduced["bytes_received"] == 1000
+    assert reduced["failures_timeout"] == 1 and reduced["pull_ms_avg"] == 2.0
+
+    registry = CollectorRegistry()
+    types = {cls: (lambda c: lambda *a, **k: c(*a, registry=registry, **k))(cls)
+             for cls in (Counter, Gauge, Histogram)}
+    prom = PDPromMetrics(type("C", (), {"kv_transfer_config": None})(), types,
+                         ["engine"], {0: ["0"]})
+    prom.observe(merged.data, 0)
+    assert registry.get_sample_value("vllm:pd_kv_bytes_received_total", {"engine": "0"}) == 1000
+    assert registry.get_sample_value(
+        "vllm:pd_kv_failures_total", {"engine": "0", "reason": "timeout"}) == 1

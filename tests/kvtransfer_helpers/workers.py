@@ -38,7 +38,7 @@ def load(worker: PDWorker, prefill: PDWorker, req: str, lease_id: str, local, re
     worker.start_load_kv(PDConnectorMetadata(loads=[spec]))
 
 
-def wait_finished(worker: PDWorker, timeout: float = 10.0) -> tuple[set, set, set]:
+def wait_finished(worker: PDWorker, timeout: float = 30.0) -> tuple[set, set, set]:
     """Poll like the engine does; returns (sending, recving, load-error blocks)."""
     sending, recving, errors = set(), set(), set()
     deadline = time.monotonic() + timeout
