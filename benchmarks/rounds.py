@@ -11,11 +11,12 @@ from typing import Any
 
 
 def fold(values: list[Any]) -> Any:
-    """Numbers -> median, lists -> concatenated (pooled samples), dicts -> key by key,
-    anything else -> the first value."""
+    """Equal values -> that value; numbers -> median; lists -> concatenated (pooled
+    samples); dicts -> key by key; anything else -> the first value."""
     first = values[0]
-    if all(isinstance(v, bool) for v in values) or first is None:
-        return first
+    is_scalar = not isinstance(first, (list, dict))
+    if first is None or (is_scalar and all(v == first for v in values)):
+        return first  # equal everywhere (counts, seeds, labels): kept as is, type and all
     if all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
         return statistics.median(values)
     if all(isinstance(v, list) for v in values):
@@ -35,6 +36,7 @@ def combine_rounds(rounds: list[dict[str, Any]]) -> dict[str, Any]:
     combined["rounds"] = len(rounds)
     combined["round_values"] = {
         key: [r[key] for r in rounds]
-        for key in ("p99_itl_ms", "p99_ttft_ms", "request_goodput", "request_throughput")
+        for key in ("p99_itl_ms", "p99_ttft_ms", "request_goodput", "request_throughput",
+                    "host_load_avg_before")
         if all(key in r for r in rounds)}
     return combined

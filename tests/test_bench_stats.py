@@ -112,13 +112,14 @@ def test_rounds_fold_to_medians_and_pooled_samples() -> None:
     from benchmarks.rounds import combine_rounds
 
     rounds = [{"label": "pd", "p99_itl_ms": v, "request_goodput": g, "request_throughput": 1.0,
-               "p99_ttft_ms": 5.0, "failed": f, "goodput_slos_ms": None,
+               "p99_ttft_ms": 5.0, "failed": f, "goodput_slos_ms": None, "num_prompts": 32,
                "per_kind": {"short": {"p99_itl_ms": v}}, "itls": [[v]]}
               for v, g, f in ((10.0, 1.0, 0), (30.0, 0.5, 2), (20.0, 0.9, 1))]
     folded = combine_rounds(rounds)
     assert folded["label"] == "pd" and folded["rounds"] == 3
     assert folded["p99_itl_ms"] == 20.0 and folded["request_goodput"] == 0.9
     assert folded["failed"] == 1 and folded["goodput_slos_ms"] is None
+    assert folded["num_prompts"] == 32 and isinstance(folded["num_prompts"], int)
     assert folded["per_kind"]["short"]["p99_itl_ms"] == 20.0
     assert folded["itls"] == [[10.0], [30.0], [20.0]]
     assert folded["round_values"]["p99_itl_ms"] == [10.0, 30.0, 20.0]

@@ -190,6 +190,12 @@ def headline_markdown(a: dict[str, Any], b: dict[str, Any]) -> str:
     for title, va, vb in headline_rows(a, b):
         r = f"{vb / va:.2f}x" if va else "-"
         lines.append(f"| {title} | {fmt_value(va)} | {fmt_value(vb)} | {r} |")
+    if a.get("rounds"):
+        lines += ["", f"Medians over {a['rounds']} rounds; each round's values:", ""]
+        for key, values in a.get("round_values", {}).items():
+            theirs = b.get("round_values", {}).get(key, [])
+            lines.append(f"- {key}: {la} {', '.join(map(fmt_value, values))}; "
+                         f"{lb} {', '.join(map(fmt_value, theirs))}")
     itl = b["p99_itl_ms"] / a["p99_itl_ms"] if a["p99_itl_ms"] else float("inf")
     good_ok = (b["request_goodput"] or 0) >= (a["request_goodput"] or 0)
     met = itl <= GOAL_ITL_RATIO and good_ok
