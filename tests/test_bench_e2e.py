@@ -58,7 +58,8 @@ def test_completions_run_writes_every_key_csv_and_plot(server: str, tmp_path: Pa
     # Exact output lengths (ignore_eos): 12 +- 25% -> 9..15, as sampled.
     assert all(9 <= n <= 15 for n in result["output_lens"])
     # One gap per chunk after the first; a busy server may put two tokens in one chunk.
-    assert all(0 < len(gaps) <= n - 1 for gaps, n in zip(result["itls"], result["output_lens"]))
+    assert all(len(gaps) <= n - 1 for gaps, n in zip(result["itls"], result["output_lens"]))
+    assert sum(map(len, result["itls"])) > 12
     rows = list(csv.DictReader((tmp_path / "run.csv").open()))
     assert len(rows) == 12 and all(r["success"] == "True" for r in rows)
     assert (tmp_path / "run-cdf.png").stat().st_size > 10_000

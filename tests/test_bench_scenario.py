@@ -59,6 +59,9 @@ def test_headline_table_reports_ratios_and_the_goal() -> None:
     worse = scenario.headline_markdown(result("aggregated", 400.0, 2000.0, 0.8, 500.0),
                                        result("pd", 100.0, 2400.0, 0.5, 80.0))
     assert "not met" in worse
+    plain = scenario.headline_markdown(result("vllm", 1.0, 1.0, 1.0, 1.0),
+                                       result("pdserve", 1.0, 1.0, 1.0, 1.0), with_goal=False)
+    assert "Goal" not in plain
 
 
 def test_a_side_given_on_the_command_line_replaces_the_presets(capsys, tmp_path) -> None:
