@@ -18,6 +18,9 @@ T = TypeVar("T")
 class IOLoop:
     def __init__(self, name: str = "kvtransfer-io"):
         self._loop = asyncio.new_event_loop()
+        # asyncio keeps only weak references to tasks; hold every submitted one until
+        # it finishes, or an idle one may be garbage-collected mid-await.
+        self._inflight: set[concurrent.futures.Future] = set()
         self._thread = threading.Thread(target=self._run, name=name, daemon=True)
         self._thread.start()
 
@@ -27,7 +30,10 @@ class IOLoop:
 
     def submit(self, coro: Coroutine[Any, Any, T]) -> concurrent.futures.Future[T]:
         """Schedule `coro` on the loop from any thread."""
-        return asyncio.run_coroutine_threadsafe(coro, self._loop)
+        fut = asyncio.run_coroutine_threadsafe(coro, self._loop)
+        self._inflight.add(fut)
+        fut.add_done_callback(self._inflight.discard)
+        return fut
 
     def run(self, coro: Coroutine[Any, Any, T], timeout: float | None = None) -> T:
         """Run `coro` on the loop and wait for its result (engine thread only)."""

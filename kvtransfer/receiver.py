@@ -66,6 +66,7 @@ class _Session:
     replies: dict[int, asyncio.Future] = field(default_factory=dict)
     aborts: dict[int, asyncio.Future] = field(default_factory=dict)
     closed: bool = False
+    reader_task: asyncio.Task | None = None  # held: asyncio only keeps weak references
 
     async def send(self, msg) -> None:
         if self.closed:
@@ -117,18 +118,24 @@ class KVReceiver:
             session = self._sessions.get(key)
             if session is not None and not session.closed:
                 return session
+            timeout = self._config.handshake_timeout_s
             try:
-                reader, writer = await asyncio.open_connection(host, int(port))
-            except OSError as e:
-                raise PeerUnreachable(f"cannot reach {host}:{port}: {e}") from e
+                reader, writer = await asyncio.wait_for(
+                    asyncio.open_connection(host, int(port)), timeout)
+            except (OSError, asyncio.TimeoutError) as e:
+                raise PeerUnreachable(f"cannot reach {host}:{port}: {e!r}") from e
             try:
-                await client_handshake(reader, writer, self._spec, self._transport.address(),
-                                       self._config.shared_secret)
+                await asyncio.wait_for(client_handshake(
+                    reader, writer, self._spec, self._transport.address(),
+                    self._config.shared_secret), timeout)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+                writer.close()
+                raise PeerUnreachable(f"handshake with {host}:{port} failed: {e!r}") from e
             except BaseException:
                 writer.close()
                 raise
             session = _Session(reader, writer)
-            asyncio.get_running_loop().create_task(session.read_loop())
+            session.reader_task = asyncio.get_running_loop().create_task(session.read_loop())
             self._sessions[key] = session
             return session
 
@@ -236,7 +243,7 @@ class KVReceiver:
             session = await self._session(host, port)
             await session.send(Release(lease_id))
         except KVTransferError as e:
-            logger.debug("kvtransfer: release to %s:%s failed: %s", host, port, e)
+            logger.warning("kvtransfer: release to %s:%s failed: %s", host, port, e)
 
     async def close(self) -> None:
         for session in self._sessions.values():

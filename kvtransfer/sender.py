@@ -81,8 +81,8 @@ class KVSender:
             while True:
                 msg = await read_message(reader)
                 await self._dispatch(msg, link, writer)
-        except (asyncio.IncompleteReadError, ConnectionError):
-            pass  # peer went away; leases it held expire or were released
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.CancelledError):
+            pass  # peer went away (or we are shutting down); its leases expire or end
         except KVTransferError as e:
             logger.warning("kvtransfer: refused peer %s: %s", peer, e)
         except Exception:

@@ -85,7 +85,7 @@ class PDWorker:
             self.sender = KVSender(self.config, self.spec, self.regions, self.transport,
                                    self.leases, self._record_send)
             await self.sender.start()
-            asyncio.get_running_loop().create_task(self._expire_leases())
+            self._expiry_task = asyncio.get_running_loop().create_task(self._expire_leases())
         if self._is_consumer:
             self.receiver = KVReceiver(self.config, self.spec, self.regions, self.transport)
 
@@ -135,11 +135,13 @@ class PDWorker:
             return
         for note in meta.heartbeats:
             self._io.submit(self.receiver.heartbeat(
-                note.remote_host, note.remote_port, list(note.lease_ids)))
+                note.remote_host, note.remote_port, list(note.lease_ids))
+            ).add_done_callback(_log_failure)
         for note in meta.releases:
             for lease_id in note.lease_ids:
-                self._io.submit(self.receiver.release(note.remote_host, note.remote_port,
-                                                      lease_id))
+                self._io.submit(self.receiver.release(
+                    note.remote_host, note.remote_port, lease_id)
+                ).add_done_callback(_log_failure)
         for load in meta.loads:
             fut = self._io.submit(self.receiver.pull(load))
             fut.add_done_callback(self._pull_finished)
@@ -184,6 +186,11 @@ class PDWorker:
             stats, self._stats = self._stats, PDConnectorStats()
             self._stats.data["leases_outstanding"] = stats.data["leases_outstanding"]
             return stats
+
+
+def _log_failure(fut) -> None:
+    if not fut.cancelled() and fut.exception() is not None:
+        logger.warning("kvtransfer: lease notice failed: %r", fut.exception())
 
 
 def identity_from_vllm(vllm_config: Any) -> ModelIdentity:
