@@ -36,14 +36,17 @@ KV_CACHE_GIB = "2"
 GOAL_ITL_RATIO = 0.5
 
 WORKLOAD = [
-    # Sized for 2 cores: one 1024-token prefill of the bench model takes ~1.7 s on both
-    # cores, a decode step ~35 ms; at 0.5 req/s the server is busy but not saturated.
-    "--dataset-name", "mixed", "--num-prompts", "32", "--seed", "0",
+    # Sized for 2 cores: a 1024-token prefill of the bench model takes ~1 s on both cores
+    # (~2 s on one), a decode step ~45 ms. A long prompt stalls the decode steps that
+    # share its engine step, so stalled ITL samples are about (long arrivals/s) x (step
+    # time) of all: 0.4/s x 45 ms ~ 2%, enough that ITL p99 measures the stalls rather
+    # than sitting on their knee (at 0.125 long/s it swung 200 ms <-> 1.1 s by round).
+    "--dataset-name", "mixed", "--num-prompts", "40", "--seed", "0",
     "--random-input-len", "64", "--random-output-len", "64",
     "--mixed-long-input-len", "1024", "--mixed-long-output-len", "8",
-    "--mixed-long-fraction", "0.25",
-    "--request-rate", "0.5", "--burstiness", "1.0", "--num-warmups", "2",
-    "--goodput", "ttft:5000", "tpot:150",
+    "--mixed-long-fraction", "0.4",
+    "--request-rate", "1.0", "--burstiness", "1.0", "--num-warmups", "2",
+    "--goodput", "ttft:5000", "tpot:150", "--metric-percentiles", "50,90,99,99.9",
     "--endpoint", "/v1/completions", "--tokenizer", MODEL, "--request-timeout", "300",
 ]
 
@@ -199,11 +202,12 @@ def headline_markdown(a: dict[str, Any], b: dict[str, Any], with_goal: bool = Tr
     if not with_goal:
         return "\n".join(lines) + "\n"
     itl = b["p99_itl_ms"] / a["p99_itl_ms"] if a["p99_itl_ms"] else float("inf")
-    good_ok = (b["request_goodput"] or 0) >= (a["request_goodput"] or 0)
+    # "Equal" goodput within 2%: run-to-run noise here is larger than that.
+    good_ok = (b["request_goodput"] or 0) >= 0.98 * (a["request_goodput"] or 0)
     met = itl <= GOAL_ITL_RATIO and good_ok
     lines += ["", f"Goal (B ITL p99 <= {GOAL_ITL_RATIO}x A at equal or better goodput): "
               f"{'met' if met else 'not met'} (ITL p99 ratio {itl:.2f}x, goodput "
-              f"{'>=' if good_ok else '<'} A)."]
+              f"{'>=' if good_ok else '<'} A within 2%)."]
     return "\n".join(lines) + "\n"
 
 
