@@ -35,6 +35,11 @@ class PDConnectorConfig(BaseModel):
         2.0, ge=0, description="How long prefill waits for a lease grant a pull races ahead of."
     )
     handshake_timeout_s: float = Field(5.0, gt=0, description="Deadline for connect + handshake.")
+    max_message_bytes: int = Field(
+        256 << 20, ge=1,
+        description="Largest single UCX message; longer block runs are split (on one host "
+        "fewer, larger CMA reads are fastest; a cap helps RDMA pipelining).",
+    )
     shared_secret: str | None = Field(
         None, description="If set, both sides must prove it (HMAC) during the handshake."
     )

@@ -122,3 +122,12 @@ def coalesce(src: Sequence[int], dst: Sequence[int]) -> list[Run]:
         else:
             runs.append(Run(s, d, 1))
     return runs
+
+
+def split_runs(runs: Sequence[Run], max_blocks: int) -> list[Run]:
+    """Cut runs longer than `max_blocks` so no message exceeds the size cap."""
+    return [
+        Run(r.src + i, r.dst + i, min(max_blocks, r.length - i))
+        for r in runs
+        for i in range(0, r.length, max_blocks)
+    ]

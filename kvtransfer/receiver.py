@@ -25,7 +25,7 @@ from .errors import (
     error_from_reason,
 )
 from .handshake import client_handshake
-from .memory import KVRegion, check_block_ids, coalesce
+from .memory import KVRegion, check_block_ids, coalesce, split_runs
 from .metadata import LoadSpec
 from .protocol import (
     Heartbeat, PullAbort, PullDone, PullReply, PullRequest, Release, read_message,
@@ -168,7 +168,9 @@ class KVReceiver:
         if len(local) > len(remote):
             raise BlockRangeError(f"{len(local)} local blocks but peer offers {len(remote)}")
         # Blocks already computed locally (prefix hits) are the peer's leading ones.
-        return coalesce(remote[len(remote) - len(local):], local)
+        runs = coalesce(remote[len(remote) - len(local):], local)
+        largest = max(r.block_bytes for r in self._regions)
+        return split_runs(runs, max(1, self._config.max_message_bytes // largest))
 
     async def _pull(self, load: LoadSpec, result: PullResult) -> None:
         runs = self._plan(load)

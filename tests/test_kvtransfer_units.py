@@ -12,7 +12,9 @@ from kvtransfer.compat import KVSpec, check_compatible
 from kvtransfer.config import PDConnectorConfig
 from kvtransfer.errors import BlockRangeError, IncompatiblePeer, LeaseUnavailable
 from kvtransfer.leases import LeaseTable
-from kvtransfer.memory import Run, check_block_ids, coalesce, regions_from_kv_caches
+from kvtransfer.memory import (
+    Run, check_block_ids, coalesce, regions_from_kv_caches, split_runs,
+)
 from kvtransfer.metadata import TransferParams
 from kvtransfer.protocol import ProtocolError, PullRequest, decode, encode
 from kvtransfer.worker import ModelIdentity
@@ -103,6 +105,7 @@ def test_coalesce_merges_runs_in_either_order():
     assert coalesce([1, 2, 9], [5, 7, 8]) == [Run(1, 5, 1), Run(2, 7, 1), Run(9, 8, 1)]
     with pytest.raises(BlockRangeError):
         coalesce([1, 2], [3])
+    assert split_runs([Run(4, 10, 5)], 2) == [Run(4, 10, 2), Run(6, 12, 2), Run(8, 14, 1)]
 
 
 def test_regions_follow_cpu_and_cuda_layouts():
