@@ -47,10 +47,10 @@ def build_vllm_args(config: AppConfig, pool: PoolConfig,
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.entrypoints.launchers.cli_args import FrontendArgs
 
-    frontend_fields = {f.name for f in dataclasses.fields(FrontendArgs)}
+    frontend_only = ({f.name for f in dataclasses.fields(FrontendArgs)}
+                     - {f.name for f in dataclasses.fields(AsyncEngineArgs)})
     kwargs = dict(pool.engine_kwargs)
-    frontend_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in frontend_fields
-                       and k not in {f.name for f in dataclasses.fields(AsyncEngineArgs)}}
+    frontend_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in frontend_only}
     if role in KV_ROLES:
         kwargs["kv_transfer_config"] = _kv_transfer_config(pool, role)
     engine_args = AsyncEngineArgs(model=resolve_model(config.model),
