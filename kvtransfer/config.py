@@ -7,6 +7,25 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 
+class TierConfig(BaseModel):
+    """KV tiers of one engine: finished blocks are kept by block hash in DRAM (LRU) and,
+    evicted from there, in NVMe files; a new request loads its stored prefix."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    dram_bytes: int = Field(
+        1 << 30, ge=0, description="DRAM tier budget in bytes (0: no DRAM tier; blocks "
+        "go straight to NVMe if `nvme_dir` is set).")
+    nvme_dir: str | None = Field(
+        None, description="Directory of the NVMe tier (local disk, one per replica); "
+        "unset: no NVMe tier. Its index is rebuilt from the files at start.")
+    nvme_bytes: int | None = Field(
+        None, gt=0, description="NVMe tier budget in bytes (LRU files are deleted); "
+        "unset: unbounded.")
+    load: bool = Field(True, description="Load stored prefixes instead of recomputing.")
+    store: bool = Field(True, description="Store the blocks of finished requests.")
+
+
 class PDConnectorConfig(BaseModel):
     """Settings of PDConnector; unknown keys are an error, not silently ignored."""
 
@@ -43,6 +62,8 @@ class PDConnectorConfig(BaseModel):
     shared_secret: str | None = Field(
         None, description="If set, both sides must prove it (HMAC) during the handshake."
     )
+    tiers: TierConfig | None = Field(
+        None, description="DRAM/NVMe KV tiers with prefix reuse; unset: none.")
 
     @classmethod
     def from_extra_config(cls, extra: dict[str, Any] | None) -> "PDConnectorConfig":
