@@ -44,16 +44,30 @@ class PDConnector(KVConnectorBase_V1):
         config = PDConnectorConfig.from_extra_config(ktc.kv_connector_extra_config)
         self.scheduler = None
         self.worker = None
+        tiers = None
+        if config.tiers is not None:
+            from .tiers.scheduler import tier_spec
+
+            tiers = tier_spec(config.tiers, vllm_config, kv_cache_config)
         if role == KVConnectorRole.SCHEDULER:
             from .scheduler import PDScheduler
 
-            self.scheduler = PDScheduler(config, ktc.engine_id)
+            self.scheduler = PDScheduler(config, ktc.engine_id,
+                                         self._tier_scheduler(config, tiers, vllm_config))
         else:
             from .worker import PDWorker, identity_from_vllm
 
             self.worker = PDWorker(config, identity_from_vllm(vllm_config),
                                    is_producer=ktc.is_kv_producer,
-                                   is_consumer=ktc.is_kv_consumer)
+                                   is_consumer=ktc.is_kv_consumer, tiers=tiers)
+
+    def _tier_scheduler(self, config: PDConnectorConfig, spec: Any, vllm_config: Any):
+        if spec is None:
+            return None
+        from .tiers.scheduler import TierScheduler
+
+        return TierScheduler(config.tiers, spec, vllm_config.cache_config.block_size,
+                             self._kv_cache_config.hash_block_size)
 
     # ---- scheduler side -------------------------------------------------------------
 
@@ -71,7 +85,8 @@ class PDConnector(KVConnectorBase_V1):
         self.scheduler.on_new_request(request)
 
     def update_connector_output(self, connector_output: "KVConnectorOutput"):
-        self.scheduler.update_connector_output(connector_output.finished_recving)
+        self.scheduler.update_connector_output(connector_output.finished_recving,
+                                               connector_output.kv_connector_worker_meta)
 
     def request_finished(self, request: "Request", block_ids: list[int]
                          ) -> tuple[bool, dict[str, Any] | None]:
@@ -110,6 +125,9 @@ class PDConnector(KVConnectorBase_V1):
 
     def get_finished(self, finished_req_ids: set[str]) -> tuple[set[str], set[str]]:
         return self.worker.get_finished()
+
+    def build_connector_worker_meta(self):
+        return self.worker.take_tier_worker_meta()
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         return self.worker.get_block_ids_with_load_errors()

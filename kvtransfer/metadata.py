@@ -19,6 +19,8 @@ from vllm.distributed.kv_transfer.kv_connector.v1.base import (
     KVConnectorMetadata,
 )
 
+from .tiers.plan import TierMetadata
+
 
 @dataclass(slots=True)
 class TransferParams:
@@ -107,9 +109,11 @@ class PDConnectorMetadata(KVConnectorMetadata):
     grants: list[LeaseGrant] = field(default_factory=list)
     heartbeats: list[PeerNotice] = field(default_factory=list)
     releases: list[PeerNotice] = field(default_factory=list)
+    tiers: TierMetadata | None = None  # DRAM/NVMe tier loads and saves
 
     def is_empty(self) -> bool:
-        return not (self.loads or self.grants or self.heartbeats or self.releases)
+        return not (self.loads or self.grants or self.heartbeats or self.releases
+                    or self.tiers)
 
 
 @dataclass

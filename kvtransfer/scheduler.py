@@ -22,6 +22,7 @@ from .metadata import (
 )
 
 if TYPE_CHECKING:
+    from .tiers.scheduler import TierScheduler
     from vllm.v1.core.kv_cache_manager import KVCacheBlocks
     from vllm.v1.request import Request
 
@@ -31,8 +32,10 @@ _PROCESSED = "_pd_processed"  # marks a decode request whose load was planned
 
 
 class PDScheduler:
-    def __init__(self, config: PDConnectorConfig, engine_id: str):
+    def __init__(self, config: PDConnectorConfig, engine_id: str,
+                 tiers: "TierScheduler | None" = None):
         self.config = config
+        self.tiers = tiers
         self.engine_id = engine_id
         self.host = config.advertise_host or config.host
         self.port = config.port
@@ -63,8 +66,11 @@ class PDScheduler:
                 remote.remote_host, remote.remote_port, remote.remote_request_id)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):
-        """All prompt tokens not computed locally load asynchronously from the peer."""
+        """All prompt tokens not computed locally load asynchronously from the peer;
+        without a peer, the longest prefix stored in a tier loads asynchronously."""
         if self._remote(request) is None:
+            if self.tiers is not None:
+                return self.tiers.get_num_new_matched_tokens(request, num_computed_tokens)
             return 0, False
         count = request.num_prompt_tokens - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
@@ -73,6 +79,8 @@ class PDScheduler:
                                  num_external_tokens: int) -> None:
         remote = self._remote(request)
         if remote is None:
+            if self.tiers is not None:
+                self.tiers.update_state_after_alloc(request, blocks, num_external_tokens)
             return
         request.kv_transfer_params[_PROCESSED] = True
         self._waiting.pop(request.request_id, None)
@@ -105,7 +113,14 @@ class PDScheduler:
 
     def request_finished(self, request: "Request", block_ids: list[int]):
         """Prefill: hold the blocks under a lease and return where they are.
-        Decode: a request that never started its load releases the peer's lease."""
+        Decode: a request that never started its load releases the peer's lease.
+        Either: tiers store the computed blocks (held until they are copied)."""
+        hold, params = self._finish_transfer(request, block_ids)
+        if self.tiers is not None and self.tiers.request_finished(request, block_ids):
+            hold = True
+        return hold, params
+
+    def _finish_transfer(self, request: "Request", block_ids: list[int]):
         from vllm.v1.request import RequestStatus
 
         self._waiting.pop(request.request_id, None)
@@ -132,8 +147,13 @@ class PDScheduler:
     def build_connector_meta(self) -> PDConnectorMetadata:
         meta, self._meta = self._meta, PDConnectorMetadata()
         meta.heartbeats = self._heartbeats()
+        if self.tiers is not None:
+            meta.tiers = self.tiers.build_meta()
         return meta
 
-    def update_connector_output(self, finished_recving: set[str] | None) -> None:
+    def update_connector_output(self, finished_recving: set[str] | None,
+                                worker_meta: Any = None) -> None:
         for req_id in finished_recving or ():
             self._waiting.pop(req_id, None)
+        if self.tiers is not None:
+            self.tiers.update_connector_output(finished_recving, worker_meta)

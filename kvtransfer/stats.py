@@ -20,6 +20,10 @@ _COUNTERS = (
     "num_pulls", "num_pull_failures", "bytes_received", "blocks_received",
     "num_sends", "num_send_failures", "bytes_sent", "blocks_sent",
     "leases_granted", "leases_released", "leases_expired",
+    # tiers: hits and misses in blocks (a miss: looked up, not found in that tier)
+    "dram_hits", "dram_misses", "dram_bytes_loaded", "dram_bytes_stored", "dram_evictions",
+    "nvme_hits", "nvme_misses", "nvme_bytes_loaded", "nvme_bytes_stored", "nvme_evictions",
+    "tier_load_failures",
 )
 
 
@@ -59,6 +63,10 @@ class PDConnectorStats(KVConnectorStats):
             self.data["blocks_sent"] += num_blocks
         else:
             self._fail(reason, "num_send_failures")
+
+    def add_counts(self, counts: dict[str, int]) -> None:
+        for name, n in counts.items():
+            self.data[name] += n
 
     def _fail(self, reason: str, counter: str) -> None:
         self.data[counter] += 1
@@ -102,6 +110,12 @@ class PDPromMetrics(KVConnectorPromMetrics):
         "num_pulls": "KV pulls attempted by this engine.",
         "leases_granted": "Prefill leases granted.",
         "leases_expired": "Prefill leases that expired before a pull came.",
+        "dram_hits": "KV blocks loaded from the DRAM tier.",
+        "nvme_hits": "KV blocks loaded from the NVMe tier.",
+        "dram_misses": "KV blocks looked up and not found in the DRAM tier.",
+        "nvme_misses": "KV blocks looked up and not found in the NVMe tier.",
+        "dram_evictions": "KV blocks evicted from the DRAM tier.",
+        "nvme_evictions": "KV blocks evicted from the NVMe tier.",
     }
 
     def __init__(self, vllm_config, metric_types, labelnames, per_engine_labelvalues):

@@ -23,6 +23,7 @@ from .metadata import PDConnectorMetadata, PDHandshakeMetadata
 from .receiver import KVReceiver, PullResult
 from .sender import KVSender, SendRecord
 from .stats import PDConnectorStats
+from .tiers.plan import TierSpec, TierWorkerMetadata
 from .transport import Transport, make_transport
 
 logger = logging.getLogger(__name__)
@@ -40,8 +41,10 @@ class ModelIdentity:
 
 class PDWorker:
     def __init__(self, config: PDConnectorConfig, identity: ModelIdentity,
-                 is_producer: bool, is_consumer: bool):
+                 is_producer: bool, is_consumer: bool, tiers: TierSpec | None = None):
         self.config = config
+        self._tier_spec = tiers
+        self.tiers = None  # TierStore, once KV memory is registered
         self._identity = identity
         self._is_producer = is_producer
         self._is_consumer = is_consumer
@@ -70,6 +73,10 @@ class PDWorker:
             region_block_bytes=tuple(r.block_bytes for r in self.regions),
             num_blocks=num_blocks,
         )
+        if self._tier_spec is not None:
+            from .tiers.store import TierStore
+
+            self.tiers = TierStore(self._tier_spec, self.regions)
         self._io = IOLoop()
         self._io.run(self._start(), timeout=60)
         logger.info("kvtransfer: worker ready (%s, %d regions, listener port %s)",
@@ -118,6 +125,8 @@ class PDWorker:
 
         self._io.stop(drain)
         self._io = None
+        if self.tiers is not None:
+            self.tiers.close()
 
     # ---- per step -----------------------------------------------------------------
 
@@ -131,6 +140,11 @@ class PDWorker:
         if meta.grants:
             with self._lock:
                 self._stats.data["leases_granted"] += len(meta.grants)
+        if self.tiers is not None:
+            for grant in meta.grants:  # blocks are freed when lease and save both end
+                self.tiers.hold(grant.request_id)
+            if meta.tiers is not None:
+                self.tiers.submit(meta.tiers)
         if self.receiver is None:
             return
         for note in meta.heartbeats:
@@ -164,22 +178,32 @@ class PDWorker:
         in the same call, so vLLM recomputes them before anything reads them.
         """
         sending = self.leases.take_finished()
+        num_leases_ended = len(sending)
+        loaded: set[str] = set()
+        tier_errors: set[int] = set()
+        if self.tiers is not None:
+            sending, loaded, tier_errors = self.tiers.take_finished(sending)
         with self._lock:
+            self._load_errors.update(tier_errors)
             done, self._done_pulls = self._done_pulls, []
             for result in done:
                 if not result.ok:
                     self._load_errors.update(result.local_block_ids)
-            if sending:
-                self._stats.data["leases_released"] += len(sending)
-        return sending, {r.request_id for r in done}
+            self._stats.data["leases_released"] += num_leases_ended
+        return sending, {r.request_id for r in done} | loaded
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         with self._lock:
             errors, self._load_errors = self._load_errors, set()
         return errors
 
+    def take_tier_worker_meta(self) -> TierWorkerMetadata | None:
+        return self.tiers.take_worker_meta() if self.tiers is not None else None
+
     def get_stats(self) -> PDConnectorStats | None:
         with self._lock:
+            if self.tiers is not None:
+                self._stats.add_counts(self.tiers.take_stats())
             self._stats.data["leases_outstanding"] = self.leases.num_outstanding
             if self._stats.is_empty():
                 return None
