@@ -19,7 +19,9 @@ from typing import Any
 from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from serving.config import AppConfig, Role
+from serving.engine import ENGINE_SECONDS_KEY
 from serving.errors import OverloadedError
+from serving.router import RouterClient
 
 logger = logging.getLogger("pdserve.dispatch")
 PREFILL_DROPPED_FIELDS = ("stream_options", "logprobs", "top_logprobs", "min_tokens",
@@ -34,8 +36,17 @@ class Dispatch:
     path: str  # aggregated | remote | local | fallback
     reason: str
     decode_replica: str | None = None
-    prefill_s: float = 0.0
+    route_s: float = 0.0  # the router's assign() as the ingress saw it
+    prefill_s: float = 0.0  # the remote prefill as the ingress saw it
+    prefill_engine_s: float = 0.0  # ... and inside the prefill replica
     started: float = field(default_factory=time.perf_counter)
+
+    def server_timing(self) -> str:
+        """A Server-Timing header value (milliseconds), for clients and benchmarks."""
+        parts = [("route", self.route_s)]
+        if self.prefill_s:
+            parts += [("prefill", self.prefill_s), ("prefill-engine", self.prefill_engine_s)]
+        return ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in parts)
 
 
 def is_replica_death(exc: BaseException) -> bool:
@@ -43,7 +54,7 @@ def is_replica_death(exc: BaseException) -> bool:
 
 
 class Dispatcher:
-    def __init__(self, config: AppConfig, router: Any, engines: dict[Role, Any]):
+    def __init__(self, config: AppConfig, router: RouterClient, engines: dict[Role, Any]):
         self.config = config
         self.router = router
         self.engines = engines
@@ -56,52 +67,55 @@ class Dispatcher:
             reply = self.engines[Role.AGGREGATED].options(stream=True).generate.remote(
                 endpoint, body)
             return Dispatch(reply, "aggregated", "aggregated")
+        started = time.perf_counter()
         try:
-            route = await self.router.assign.remote(self._num_prompt_tokens(endpoint, body),
-                                                    session, _may_disaggregate(body))
+            route = await self.router.call("assign", self._num_prompt_tokens(endpoint, body),
+                                           session, _may_disaggregate(body))
         except LookupError as exc:
             raise OverloadedError("no decode replica is available") from exc
-        path, prefill_s = "local", 0.0
+        dispatch = Dispatch(None, "local", route["reason"], route["decode"],
+                            route_s=time.perf_counter() - started)
         if route["prefill"] is not None:
             started = time.perf_counter()
-            kv_params = await self._prefill(endpoint, body, route["prefill"])
-            prefill_s = time.perf_counter() - started
-            if kv_params is not None:
-                body = {**body, "kv_transfer_params": kv_params}
-                path = "remote"
+            prefilled = await self._prefill(endpoint, body, route["prefill"])
+            dispatch.prefill_s = time.perf_counter() - started
+            if prefilled is not None:
+                body = {**body, "kv_transfer_params": prefilled["kv_transfer_params"]}
+                dispatch.path = "remote"
+                dispatch.prefill_engine_s = prefilled.get(ENGINE_SECONDS_KEY, 0.0)
             else:
-                path = "fallback"
-        reply = self.engines[Role.DECODE].options(stream=True).generate.remote(
+                dispatch.path = "fallback"
+        dispatch.reply = self.engines[Role.DECODE].options(stream=True).generate.remote(
             endpoint, body, replica_id=route["decode"])
-        return Dispatch(reply, path, route["reason"], route["decode"], prefill_s)
+        return dispatch
 
     async def on_failure(self, dispatch: Dispatch, exc: BaseException) -> None:
         if dispatch.decode_replica is not None and is_replica_death(exc):
-            await self.router.mark_failed.remote(dispatch.decode_replica)
+            await self.router.call("mark_failed", dispatch.decode_replica)
 
     async def models(self) -> dict:
         pool = Role.DECODE if self.config.is_disaggregated else Role.AGGREGATED
         return await self.engines[pool].models.remote()
 
     async def _prefill(self, endpoint: str, body: dict, replica_id: str) -> dict | None:
-        """kv_transfer_params from a remote prefill, or None to prefill locally."""
+        """The remote prefill's reply (with kv_transfer_params), or None to prefill
+        locally."""
         request = {k: v for k, v in body.items() if k not in PREFILL_DROPPED_FIELDS}
         request.update(stream=False, max_tokens=1,
                        kv_transfer_params={"do_remote_decode": True})
-        reply = self.engines[Role.PREFILL].options(stream=True).generate.remote(
-            endpoint, request, replica_id=replica_id)
+        reply = self.engines[Role.PREFILL].prefill.remote(endpoint, request,
+                                                          replica_id=replica_id)
         try:
-            result = await asyncio.wait_for(reply.__anext__(),
-                                            self.config.router.prefill_timeout_s)
+            result = await asyncio.wait_for(reply, self.config.router.prefill_timeout_s)
         except Exception as exc:
             reply.cancel()
             logger.warning("prefill on %s failed (%r); prefilling locally", replica_id, exc)
             if is_replica_death(exc) or isinstance(exc, asyncio.TimeoutError):
-                await self.router.mark_failed.remote(replica_id)
+                await self.router.call("mark_failed", replica_id)
             return None
-        if "error" in result:
-            return None  # the decode replica will answer the same request with the error
-        return result.get("kv_transfer_params")
+        if "error" in result or not result.get("kv_transfer_params"):
+            return None  # the decode replica will answer the same request (or error)
+        return result
 
     def _num_prompt_tokens(self, endpoint: str, body: dict) -> int:
         """Prompt length for the policy; exact with a tokenizer, else estimated."""

@@ -19,8 +19,10 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from serving.config import AppConfig, PoolConfig, Role
+from serving.metrics import KVTransferTotals
 from serving.model import resolve_model
 from serving.protocol import validate_request
+from serving.router import RouterClient
 
 logger = logging.getLogger("pdserve.engine")
 
@@ -28,6 +30,8 @@ ENDPOINTS = ("completions", "chat")
 KV_ROLES = {Role.PREFILL: "kv_producer", Role.DECODE: "kv_consumer"}
 REPORT_INTERVAL_S = 0.5
 HEARTBEAT_S = 2.0
+# Key a prefill replica adds to its reply: seconds the request spent in this replica.
+ENGINE_SECONDS_KEY = "pdserve_engine_seconds"
 
 
 def _kv_transfer_config(pool: PoolConfig, role: Role) -> Any:
@@ -70,6 +74,7 @@ class LoadStatLogger:
         # out of those it was asked about, and local prefix-cache hits
         self.counters = {"external_hit_tokens": 0, "external_query_tokens": 0,
                          "local_hit_tokens": 0}
+        self.kv_transfer = KVTransferTotals()
 
     def record(self, scheduler_stats: Any, iteration_stats: Any,
                mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
@@ -83,6 +88,8 @@ class LoadStatLogger:
             self.counters["external_hit_tokens"] += external.hits
             self.counters["external_query_tokens"] += external.queries
         self.counters["local_hit_tokens"] += scheduler_stats.prefix_cache_stats.hits
+        if scheduler_stats.kv_connector_stats:
+            self.kv_transfer.observe(scheduler_stats.kv_connector_stats)
 
     def log_engine_initialized(self) -> None:
         pass
@@ -124,7 +131,7 @@ class EngineServer:
         self.started_s = time.monotonic() - started
         logger.info("engine %s (%s) ready in %.1f s", self.replica_id, self.role.value,
                     self.started_s)
-        self._router = router
+        self._router = RouterClient(router) if router is not None else None
         self._reporter = (asyncio.get_running_loop().create_task(self._report_load())
                           if router is not None else None)
 
@@ -151,15 +158,33 @@ class EngineServer:
             async for event in result:
                 yield event
 
+    async def prefill(self, endpoint: str, body: dict, replica_id: str | None = None) -> dict:
+        """Run a non-streamed request (the P/D prefill: `max_tokens=1`, `do_remote_decode`)
+        and return its whole reply, plus `ENGINE_SECONDS_KEY`: the time it took here.
+
+        A plain call, not a stream: one Serve hop with one reply.
+        """
+        started = time.perf_counter()
+        replies = self.generate(endpoint, {**body, "stream": False}, replica_id)
+        try:
+            reply = await replies.__anext__()
+        finally:
+            await replies.aclose()
+        reply[ENGINE_SECONDS_KEY] = time.perf_counter() - started
+        return reply
+
     async def models(self) -> dict:
         listing = await self.state.openai_serving_models.show_available_models()
         return listing.model_dump()
 
     async def stats(self) -> dict:
-        return {"replica_id": self.replica_id, "role": self.role.value,
-                "num_running": self.load.num_running, "num_waiting": self.load.num_waiting,
-                "kv_cache_usage": self.load.kv_cache_usage, "started_s": self.started_s,
-                "counters": dict(self.load.counters)}
+        stats = {"replica_id": self.replica_id, "role": self.role.value,
+                 "num_running": self.load.num_running, "num_waiting": self.load.num_waiting,
+                 "kv_cache_usage": self.load.kv_cache_usage, "started_s": self.started_s,
+                 "counters": dict(self.load.counters)}
+        if self.role in KV_ROLES:
+            stats["kv_transfer"] = self.load.kv_transfer.as_dict()
+        return stats
 
     async def check_health(self) -> None:
         await self.engine.check_health()
@@ -170,10 +195,10 @@ class EngineServer:
         while True:
             stats = await self.stats()
             key = (stats["num_running"], stats["num_waiting"], stats["kv_cache_usage"],
-                   tuple(stats["counters"].values()))
+                   tuple(stats["counters"].values()), repr(stats.get("kv_transfer")))
             if key != last or time.monotonic() - last_sent >= HEARTBEAT_S:
                 try:
-                    await self._router.report.remote(stats)
+                    await self._router.call("report", stats)
                     last, last_sent = key, time.monotonic()
                 except Exception:  # the router restarts; reports resume when it is back
                     logger.debug("load report failed", exc_info=True)

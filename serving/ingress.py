@@ -26,6 +26,7 @@ from serving.errors import (AuthenticationError, BadRequestError, NotFoundError,
                             OverloadedError, RequestTooLargeError, ServingError,
                             UpstreamTimeoutError, error_body, error_for)
 from serving.metrics import RequestTimer, ServingMetrics
+from serving.router import RouterClient
 from serving.protocol import validate_request
 
 logger = logging.getLogger("pdserve.ingress")
@@ -52,9 +53,9 @@ class OpenAIIngress:
     def __init__(self, config: dict, router: Any, aggregated: Any = None, prefill: Any = None,
                  decode: Any = None):
         self.config = AppConfig.model_validate(config)
-        self.router = router
+        self.router = RouterClient(router)
         engines = {Role.AGGREGATED: aggregated, Role.PREFILL: prefill, Role.DECODE: decode}
-        self.dispatcher = Dispatcher(self.config, router,
+        self.dispatcher = Dispatcher(self.config, self.router,
                                      {k: v for k, v in engines.items() if v is not None})
         self.metrics = ServingMetrics()
         self.api_key = self.config.resolved_api_key()
@@ -82,7 +83,7 @@ class OpenAIIngress:
 
     @app.get("/health")
     async def health(self) -> Response:
-        loads = await self.router.snapshot.remote()
+        loads = await self.router.call("snapshot")
         live = {load["role"] for load in loads}
         missing = [role.value for role in self.config.pools() if role.value not in live]
         if missing:
@@ -91,7 +92,7 @@ class OpenAIIngress:
 
     @app.get("/metrics")
     async def metrics(self) -> Response:
-        self.metrics.set_replica_loads(await self.router.snapshot.remote())
+        self.metrics.set_replica_loads(await self.router.call("snapshot"))
         return Response(self.metrics.exposition(),
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -108,6 +109,10 @@ class OpenAIIngress:
                 endpoint, body, request.headers.get(self.config.router.session_header))
             timer.path = dispatch.path
             self.metrics.decisions.labels(dispatch.path, dispatch.reason).inc()
+            if dispatch.prefill_s:
+                self.metrics.prefill_seconds.labels("call").observe(dispatch.prefill_s)
+            if dispatch.prefill_engine_s:
+                self.metrics.prefill_seconds.labels("engine").observe(dispatch.prefill_engine_s)
             reply = dispatch.reply
             first = await _next_before(reply, deadline)
         except Exception as exc:
@@ -116,13 +121,13 @@ class OpenAIIngress:
             response = _error_response(exc, request_id)
             timer.finish(self.metrics, response.status_code, None)
             return response
+        headers = {"x-request-id": request_id, "server-timing": dispatch.server_timing()}
         if isinstance(first, dict):
             status = int(first["error"]["code"]) if "error" in first else 200
             timer.finish(self.metrics, status, first.get("usage"))
-            return JSONResponse(first, status, headers={"x-request-id": request_id})
+            return JSONResponse(first, status, headers=headers)
         events = self._relay(first, dispatch, deadline, timer, client_wants_usage, request_id)
-        return StreamingResponse(events, media_type="text/event-stream",
-                                 headers={"x-request-id": request_id})
+        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
 
     async def _relay(self, first: str, dispatch: Dispatch, deadline: float,
                      timer: RequestTimer, client_wants_usage: bool,

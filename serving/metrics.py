@@ -11,10 +11,13 @@ import time
 from dataclasses import dataclass, field
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import CounterMetricFamily
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                   HistogramMetricFamily)
 
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64,
                    1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
+TRANSFER_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
+                    2.5, 5.0, 10.0)
 GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
                0.512, 1.024, 2.048)
 
@@ -53,8 +56,14 @@ class ServingMetrics:
         self.kv_usage = Gauge("pdserve_replica_kv_cache_usage_ratio",
                               "Fraction of each replica's KV cache in use.", labels,
                               registry=reg)
+        self.prefill_seconds = Histogram(
+            "pdserve_prefill_seconds",
+            "Remote prefill time: 'engine' inside the prefill replica, 'call' as the "
+            "ingress saw it (engine plus the hops).", ["scope"], buckets=LATENCY_BUCKETS,
+            registry=reg)
         self.replica_counters = _ReplicaCounters()
         reg.register(self.replica_counters)
+        reg.register(_KVTransferCollector(self.replica_counters))
 
     def set_replica_loads(self, loads: list[dict]) -> None:
         self.replica_counters.loads = loads
@@ -90,6 +99,93 @@ class _ReplicaCounters:
                 if value is not None:
                     family.add_metric([load["role"], load["replica_id"]], value)
             yield family
+
+
+class KVTransferTotals:
+    """Cumulative KV transfer numbers of one engine replica.
+
+    Fed with the connector's per-step stats (`SchedulerStats.kv_connector_stats`, the
+    dict `kvtransfer.PDConnectorStats` carries); `as_dict()` travels with the replica's
+    load report to the router and ends up in the ingress's /metrics.
+    """
+
+    def __init__(self) -> None:
+        self.bytes = {"received": 0, "sent": 0}
+        self.blocks = {"received": 0, "sent": 0}
+        self.pull_buckets = [0] * len(TRANSFER_BUCKETS)
+        self.pull_count = 0
+        self.pull_sum = 0.0
+        self.failures: dict[str, int] = {}
+        self.leases_outstanding = 0
+        self.leases_expired = 0
+
+    def observe(self, data: dict) -> None:
+        self.bytes["received"] += data.get("bytes_received", 0)
+        self.bytes["sent"] += data.get("bytes_sent", 0)
+        self.blocks["received"] += data.get("blocks_received", 0)
+        self.blocks["sent"] += data.get("blocks_sent", 0)
+        for ms in data.get("pull_ms", ()):
+            seconds = ms / 1e3
+            self.pull_count += 1
+            self.pull_sum += seconds
+            for i, bound in enumerate(TRANSFER_BUCKETS):
+                if seconds <= bound:
+                    self.pull_buckets[i] += 1
+        for reason, n in (data.get("failures") or {}).items():
+            self.failures[reason] = self.failures.get(reason, 0) + n
+        self.leases_outstanding = data.get("leases_outstanding", self.leases_outstanding)
+        self.leases_expired += data.get("leases_expired", 0)
+
+    def as_dict(self) -> dict:
+        return {"bytes": dict(self.bytes), "blocks": dict(self.blocks),
+                "pull_buckets": list(self.pull_buckets), "pull_count": self.pull_count,
+                "pull_sum": self.pull_sum, "failures": dict(self.failures),
+                "leases_outstanding": self.leases_outstanding,
+                "leases_expired": self.leases_expired}
+
+
+class _KVTransferCollector:
+    """pdserve_kv_transfer_* series from the replicas' last `KVTransferTotals` reports."""
+
+    def __init__(self, source: _ReplicaCounters) -> None:
+        self.source = source
+
+    def collect(self):
+        labels = ["pool", "replica"]
+        moved = CounterMetricFamily("pdserve_kv_transfer_bytes",
+                                    "KV bytes moved between prefill and decode replicas.",
+                                    labels=[*labels, "direction"])
+        blocks = CounterMetricFamily("pdserve_kv_transfer_blocks", "KV blocks moved.",
+                                     labels=[*labels, "direction"])
+        seconds = HistogramMetricFamily("pdserve_kv_transfer_seconds",
+                                        "Duration of one KV pull (decode side).",
+                                        labels=labels)
+        failures = CounterMetricFamily("pdserve_kv_transfer_failures",
+                                       "Failed KV pulls and sends (each one recomputes).",
+                                       labels=[*labels, "reason"])
+        leases = GaugeMetricFamily("pdserve_kv_transfer_leases_outstanding",
+                                   "Prefill leases holding KV blocks for a pull.",
+                                   labels=labels)
+        expired = CounterMetricFamily("pdserve_kv_transfer_leases_expired",
+                                      "Prefill leases that expired before their pull.",
+                                      labels=labels)
+        for load in self.source.loads:
+            kv = load.get("kv_transfer")
+            if not kv:
+                continue
+            ids = [load["role"], load["replica_id"]]
+            for direction in ("received", "sent"):
+                moved.add_metric([*ids, direction], kv["bytes"][direction])
+                blocks.add_metric([*ids, direction], kv["blocks"][direction])
+            cumulative = [(str(bound), n) for bound, n in
+                          zip(TRANSFER_BUCKETS, kv["pull_buckets"])]
+            seconds.add_metric(ids, [*cumulative, ("+Inf", kv["pull_count"])],
+                               sum_value=kv["pull_sum"])
+            for reason, n in kv["failures"].items():
+                failures.add_metric([*ids, reason], n)
+            leases.add_metric(ids, kv["leases_outstanding"])
+            expired.add_metric(ids, kv["leases_expired"])
+        yield from (moved, blocks, seconds, failures, leases, expired)
 
 
 @dataclass(slots=True)

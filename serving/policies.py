@@ -23,6 +23,8 @@ class ReplicaLoad:
     kv_cache_usage: float
     reported_at: float
     counters: dict[str, int] = field(default_factory=dict)
+    block_hashes: frozenset[bytes] = frozenset()  # KV blocks its tiers hold (prefix_aware)
+    kv_transfer: dict | None = None  # serving.metrics.KVTransferTotals.as_dict()
 
     @property
     def queue(self) -> int:
@@ -34,6 +36,8 @@ class RouteRequest:
     num_prompt_tokens: int
     session: str | None = None
     may_disaggregate: bool = True  # False for requests P/D cannot serve (n > 1, echo, ...)
+    block_hashes: tuple[bytes, ...] = ()  # the prompt's chained KV block hashes
+    block_size: int = 32  # tokens per hashed block
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,6 +45,7 @@ class Route:
     decode: str
     prefill: str | None  # None: the decode replica prefills locally
     reason: str  # remote | local_short | local_queue | local_unsupported | local_no_prefill
+    matched_tokens: int = 0  # prompt tokens the chosen prefilling replica holds (prefix_aware)
 
 
 class Policy(Protocol):
@@ -119,8 +124,43 @@ class Conditional(LeastLoaded):
         return None
 
 
+def matched_blocks(request: RouteRequest, held: frozenset[bytes]) -> int:
+    """Leading blocks of the request a replica holds (hashes are chained: block i names
+    the whole prefix up to it, and a tier loads only an unbroken prefix)."""
+    n = 0
+    for key in request.block_hashes:
+        if key not in held:
+            break
+        n += 1
+    return n
+
+
+class PrefixAware(Conditional):
+    """Conditional, but the replica that prefills (prefill pool, or decode when local)
+    is the one whose reported block hashes (its tiers' index) cover the longest prefix
+    of the prompt, less `prefix_tokens_per_request` tokens per request in its queue."""
+
+    def _best(self, request: RouteRequest, pool: list[ReplicaLoad]) -> tuple[ReplicaLoad, int]:
+        weight = self.config.prefix_tokens_per_request
+        scored = [(matched_blocks(request, r.block_hashes) * request.block_size, r)
+                  for r in pool]
+        matched, best = max(scored, key=lambda s: (s[0] - weight * s[1].queue,
+                                                   -s[1].kv_cache_usage, s[1].replica_id))
+        return best, matched
+
+    def route(self, request: RouteRequest, prefill: list[ReplicaLoad],
+              decode: list[ReplicaLoad]) -> Route:
+        reason = self.local_reason(request, prefill, decode)
+        if reason is not None:
+            chosen, matched = self._best(request, decode)
+            return Route(chosen.replica_id, None, reason, matched)
+        chosen, matched = self._best(request, prefill)
+        return Route(self.pick_decode(decode).replica_id, chosen.replica_id, "remote", matched)
+
+
 POLICIES: dict[str, type[LeastLoaded]] = {
-    "least_loaded": LeastLoaded, "round_robin": RoundRobin, "conditional": Conditional}
+    "least_loaded": LeastLoaded, "round_robin": RoundRobin, "conditional": Conditional,
+    "prefix_aware": PrefixAware}
 
 
 def make_policy(config: RouterConfig) -> LeastLoaded:

@@ -1,8 +1,7 @@
 """The Grafana dashboard of deploy/grafana/: well-formed, and about pdserve's own series.
 
-Every series a panel queries must be defined by the ingress's metrics
-(serving/metrics.py) or be one of PENDING_SERIES, the names the dashboard expects
-from parts not emitting them yet; a rename on either side fails here.
+Every series a panel queries, and every label it groups by, must be defined by the
+ingress's metrics (serving/metrics.py); a rename on either side fails here.
 """
 
 from __future__ import annotations
@@ -15,9 +14,6 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 DASHBOARD = REPO / "deploy" / "grafana" / "pdserve-dashboard.json"
-# Expected from the KV connector (kvtransfer) and the router, not emitted yet.
-PENDING_SERIES = {"pdserve_kv_transfer_bytes", "pdserve_kv_transfer_seconds",
-                  "pdserve_kv_transfer_failures", "pdserve_router_decisions"}
 SUFFIXES = re.compile(r"_(bucket|sum|count|total|created)$")
 
 
@@ -60,12 +56,39 @@ def test_dashboard_covers_latency_queues_kv_transfer_and_router():
         "queue depth must be shown per pool"
 
 
-def test_dashboard_series_exist_or_are_pending():
+def _populated_metrics():
+    """ServingMetrics with one sample in every family, so label names can be read."""
     metrics = pytest.importorskip("serving.metrics", reason="serving/metrics.py not importable")
-    registry = metrics.ServingMetrics().registry
-    defined = {family.name for family in registry.collect()}
+    serving = metrics.ServingMetrics()
+    kv = metrics.KVTransferTotals()
+    kv.observe({"bytes_received": 1 << 20, "blocks_received": 4, "pull_ms": [1.5],
+                "failures": {"transfer_timeout": 1}, "leases_outstanding": 1})
+    serving.set_replica_loads([{
+        "role": "decode", "replica_id": "d1", "num_running": 1, "num_waiting": 0,
+        "kv_cache_usage": 0.1, "counters": {"external_hit_tokens": 5}, "kv_transfer": kv.as_dict(),
+    }])
+    serving.requests.labels("completions", "200").inc()
+    serving.ttft.labels("completions", "remote").observe(0.01)
+    serving.itl.labels("completions", "remote").observe(0.01)
+    serving.decisions.labels("remote", "long_prompt").inc()
+    serving.e2e.labels("completions").observe(0.1)
+    serving.prefill_seconds.labels("engine").observe(0.01)
+    return serving
+
+
+def test_dashboard_series_and_labels_exist():
+    families = {f.name: f for f in _populated_metrics().registry.collect()}
     for title, expr in _queries(_dashboard()):
         for name in _series(expr):
-            assert name in defined or name in PENDING_SERIES, \
+            assert name in families, \
                 f"panel {title!r} queries {name}, which serving/metrics.py does not define " \
-                f"(defined: {sorted(defined)})"
+                f"(defined: {sorted(families)})"
+        # labels grouped by or matched on (namespace is added by the scrape)
+        used = set(re.findall(r"by \(([a-z_, ]+)\)", expr))
+        used = {label.strip() for group in used for label in group.split(",")} - {"le"}
+        used |= set(re.findall(r"([a-z_]+)=~?\"", expr)) - {"namespace"}
+        names = _series(expr)
+        have = {label for name in names for sample in families[name].samples
+                for label in sample.labels}
+        assert used <= have, f"panel {title!r} uses labels {sorted(used - have)} that " \
+                             f"{sorted(names)} do not have (they have {sorted(have)})"

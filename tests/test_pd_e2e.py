@@ -3,10 +3,12 @@ decode engines, KV over UCX) must answer exactly what one aggregated engine answ
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
 import threading
+import time
 
 import httpx
 import psutil
@@ -113,27 +115,66 @@ def test_killing_prefill_mid_run_loses_no_request(pd_server, reference):
                reason="local_no_prefill") >= 1
 
 
+def test_decode_death_mid_stream_ends_the_stream_with_an_error(pd_server, reference):
+    """Runs last: the decode replica is killed while it streams. The client gets an
+    error event and [DONE] (no hang); requests meanwhile fail fast with 503 or succeed;
+    once Serve has replaced the replica, the router assigns the new one."""
+    body = {"model": "pdserve:tiny", "prompt": REQUESTS[0]["prompt"], "max_tokens": 3000,
+            "ignore_eos": True, "temperature": 0.0, "stream": True}
+    events = []
+    with httpx.stream("POST", pd_server.base_url + "/v1/completions", json=body,
+                      timeout=60) as reply:
+        assert reply.status_code == 200
+        for line in reply.iter_lines():
+            if line.startswith("data: "):
+                events.append(line[6:])
+                if len(events) == 10:
+                    _kill_replica(pd_server, "DecodeEngine")
+    assert events[-1] == "[DONE]", events[-3:]
+    error = json.loads(events[-2])["error"]
+    assert error["code"] == 503 and "went away" in error["message"], error
+    assert len(events) < 1000, "the stream went on after the decode replica died"
+
+    deadline = time.monotonic() + 180
+    statuses = []
+    while True:
+        started = time.monotonic()
+        response = httpx.post(pd_server.base_url + "/v1/completions", timeout=60, json={
+            "model": "pdserve:tiny", "prompt": REQUESTS[1]["prompt"], "temperature": 0.0,
+            "max_tokens": REQUESTS[1]["max_tokens"], "return_token_ids": True})
+        assert time.monotonic() - started < 30, "a request hung while decode was down"
+        statuses.append(response.status_code)
+        if response.status_code == 200:
+            assert response.json()["choices"][0]["token_ids"] == reference[1]["token_ids"]
+            break
+        assert response.status_code == 503, response.text
+        assert time.monotonic() < deadline, f"decode never came back: {statuses[-5:]}"
+        time.sleep(1.0)
+
+
 def _decode_prompt_hits(server) -> float:
     return (metric(server, "pdserve_replica_external_hit_tokens_total", pool="decode")
             + metric(server, "pdserve_replica_local_hit_tokens_total", pool="decode"))
 
 
 def _kill_prefill_replica(server: ServerProcess) -> None:
-    """SIGKILL the prefill replica's actor process (a child of our server only)."""
+    _kill_replica(server, "PrefillEngine")
+
+
+def _kill_replica(server: ServerProcess, deployment: str) -> None:
+    """SIGKILL a replica's actor process (a child of our server only)."""
     root = psutil.Process(server.proc.pid)
     for child in root.children(recursive=True):
         try:
-            if re.search(r"ServeReplica:pdserve:PrefillEngine", " ".join(child.cmdline())):
+            if re.search(rf"ServeReplica:pdserve:{deployment}", " ".join(child.cmdline())):
                 os.kill(child.pid, signal.SIGKILL)
                 return
         except psutil.NoSuchProcess:
             continue
-    raise AssertionError("no prefill replica process found under the server")
+    raise AssertionError(f"no {deployment} replica process found under the server")
 
 
 def _wait_for(predicate, timeout_s: float = 10.0) -> None:
-    import time
-
     deadline = time.monotonic() + timeout_s
     while not predicate():
         assert time.monotonic() < deadline, "condition not met in time"

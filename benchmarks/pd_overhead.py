@@ -1,0 +1,307 @@
+"""What P/D orchestration costs: TTFT through the P/D endpoint minus the time the
+prefill engine and the KV pull take, next to TTFT and ITL through the aggregated
+endpoint on the same prompts, plus start-up time and memory of each process tree.
+
+    python -m benchmarks.pd_overhead [--pd-config configs/cpu-pd.yaml]
+        [--aggregated-config configs/cpu-aggregated.yaml] [--aggregated-cores 1]
+        [--prompt-tokens 1000] [--output-tokens 64] [--num-requests 20]
+
+Both servers run in this one run, one after the other (P/D first), on the same
+prompts: sequential streamed greedy requests (low load), ignore_eos so each makes
+exactly --output-tokens tokens, a distinct prompt per request so no prefix cache
+hides a prefill; the first request of each server warms up and is not counted.
+
+Per P/D request:
+  overhead = client TTFT - prefill engine time - KV pull time
+where the prefill engine time is what the prefill replica reports (the ingress's
+`Server-Timing: prefill-engine`, measured inside the replica around vLLM's OpenAI
+handler), and the pull time is the decode replica's connector pull, read as the change
+of `pdserve_kv_transfer_seconds` in /metrics (sequential requests: one pull each).
+What remains is the ingress, the router call, the Ray hops, the decode replica's own
+request handling and its first decode step.
+
+The aggregated engine is pinned to --aggregated-cores cores (VLLM_CPU_OMP_THREADS_BIND),
+the targets' "aggregated on one core". Tree memory is the sum over the server process
+and all its descendants (Ray's GCS, raylet, workers, engine processes): RSS, which
+counts shared pages once per process, and PSS, which splits them.
+
+Last line: `overhead_p50_ms=.. overhead_p99_ms=.. ttft_ratio=.. itl_ratio=.. ready_s=..
+tree_rss_gb=..` (ratios are P/D over aggregated, TTFT by median, ITL by mean).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+import numpy as np
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from benchmarks.servers import ManagedServer
+
+METRICS_WAIT_S = 5.0
+
+
+@dataclass(slots=True)
+class Sample:
+    ttft: float
+    gaps: list[float]
+    timing: dict[str, float] = field(default_factory=dict)  # Server-Timing, seconds
+    pull: float | None = None
+
+
+def make_prompts(model_dir: str, num_tokens: int, count: int, seed: int = 0) -> list[str]:
+    """`count` different prompts of about `num_tokens` tokens each."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    special = set(tok.all_special_ids)
+    rng = np.random.default_rng(seed)
+    prompts = []
+    for _ in range(count):
+        ids = [int(i) for i in rng.integers(0, tok.vocab_size, num_tokens * 2)
+               if int(i) not in special]
+        text = tok.decode(ids)
+        ids = tok(text, add_special_tokens=False)["input_ids"][:num_tokens - 1]  # + BOS
+        prompts.append(tok.decode(ids))
+    return prompts
+
+
+def parse_server_timing(header: str | None) -> dict[str, float]:
+    """`a;dur=1.5, b;dur=2` -> {"a": 0.0015, "b": 0.002}."""
+    out = {}
+    for part in (header or "").split(","):
+        name, _, params = part.strip().partition(";")
+        for param in params.split(";"):
+            key, _, value = param.strip().partition("=")
+            if key == "dur" and name:
+                out[name] = float(value) / 1e3
+    return out
+
+
+def pull_totals(client: httpx.Client, base_url: str) -> tuple[float, float]:
+    """(pull count, pull seconds) summed over the decode replicas, from /metrics."""
+    count = total = 0.0
+    text = client.get(base_url + "/metrics").text
+    for family in text_string_to_metric_families(text):
+        if family.name != "pdserve_kv_transfer_seconds":
+            continue
+        for sample in family.samples:
+            if sample.labels.get("pool") != "decode":
+                continue
+            if sample.name.endswith("_count"):
+                count += sample.value
+            elif sample.name.endswith("_sum"):
+                total += sample.value
+    return count, total
+
+
+def stream_once(client: httpx.Client, base_url: str, body: dict) -> Sample:
+    start = time.perf_counter()
+    first = last = None
+    gaps = []
+    with client.stream("POST", base_url + "/v1/completions", json=body) as reply:
+        reply.raise_for_status()
+        timing = parse_server_timing(reply.headers.get("server-timing"))
+        for line in reply.iter_lines():
+            if not line.startswith("data: ") or line == "data: [DONE]":
+                continue
+            if not json.loads(line[6:]).get("choices"):
+                continue  # the usage chunk, no token
+            now = time.perf_counter()
+            if first is None:
+                first = now - start
+            else:
+                gaps.append(now - last)
+            last = now
+    if first is None:
+        raise RuntimeError("the stream carried no token")
+    return Sample(first, gaps, timing)
+
+
+def run_requests(base_url: str, model: str, prompts: list[str], output_tokens: int,
+                 with_pulls: bool) -> list[Sample]:
+    headers = {}
+    if key := os.environ.get("PDSERVE_API_KEY"):
+        headers["Authorization"] = f"Bearer {key}"
+    samples = []
+    with httpx.Client(timeout=300, headers=headers, trust_env=False) as client:
+        before = pull_totals(client, base_url) if with_pulls else None
+        for prompt in prompts:
+            body = {"model": model, "prompt": prompt, "max_tokens": output_tokens,
+                    "temperature": 0.0, "ignore_eos": True, "stream": True}
+            sample = stream_once(client, base_url, body)
+            if with_pulls:
+                after = _wait_for_pull(client, base_url, before)
+                if after[0] == before[0] + 1:
+                    sample.pull = after[1] - before[1]
+                before = after
+            samples.append(sample)
+    return samples[1:]  # the first one warms up
+
+
+def _wait_for_pull(client: httpx.Client, base_url: str,
+                   before: tuple[float, float]) -> tuple[float, float]:
+    deadline = time.monotonic() + METRICS_WAIT_S
+    while True:
+        now = pull_totals(client, base_url)
+        if now[0] > before[0] or time.monotonic() > deadline:
+            return now
+        time.sleep(0.1)
+
+
+def tree_memory(root_pid: int) -> tuple[int, int, int]:
+    """(processes, RSS bytes, PSS bytes) of `root_pid` and all its descendants."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(entry))
+    pids, todo = [], [root_pid]
+    while todo:
+        pid = todo.pop()
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    rss = pss = 0
+    for pid in pids:
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key in ("Rss", "Pss"):
+                        kib = int(value.split()[0]) * 1024
+                        rss, pss = (rss + kib, pss) if key == "Rss" else (rss, pss + kib)
+        except OSError:
+            continue
+    return len(pids), rss, pss
+
+
+def pinned_config(config_path: str, cores: int, out_dir: str) -> str:
+    """A copy of an aggregated config whose engine OMP threads are bound to `cores` cores."""
+    doc = yaml.safe_load(Path(config_path).read_text())
+    bind = "0" if cores == 1 else f"0-{cores - 1}"
+    for app in doc["applications"]:
+        pool = app["args"]["aggregated"]
+        pool["env"] = {**pool.get("env", {}), "VLLM_CPU_OMP_THREADS_BIND": bind}
+    path = Path(out_dir) / f"aggregated-{cores}core.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@dataclass(slots=True)
+class ServerRun:
+    ready_s: float
+    processes: int
+    rss: int
+    pss: int
+    samples: list[Sample]
+
+
+def measure_server(config_path: str, model: str, prompts: list[str], output_tokens: int,
+                   with_pulls: bool, log_path: Path) -> ServerRun:
+    command = [sys.executable, "-m", "serving.cli", "serve", config_path, "--port", "{port}"]
+    server = ManagedServer(shlex.join(command), log_path=log_path, ready_timeout_s=600,
+                           env={"PDSERVE_ENGINE_LOGS": "0"})
+    started = time.monotonic()
+    with server as base_url:
+        ready_s = time.monotonic() - started
+        samples = run_requests(base_url, model, prompts, output_tokens, with_pulls)
+        processes, rss, pss = tree_memory(server.proc.pid)
+    return ServerRun(ready_s, processes, rss, pss, samples)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int) -> str:
+    ms = 1e3
+    remote = [s for s in pd.samples if s.pull is not None and "prefill-engine" in s.timing]
+    overhead = [s.ttft - s.timing["prefill-engine"] - s.pull for s in remote]
+    pd_ttft = [s.ttft for s in pd.samples]
+    agg_ttft = [s.ttft for s in agg.samples]
+    pd_itl = statistics.fmean(g for s in pd.samples for g in s.gaps)
+    agg_itl = statistics.fmean(g for s in agg.samples for g in s.gaps)
+    lines = [f"{len(pd.samples)} requests per server, {prompt_tokens}-token prompts, "
+             f"{output_tokens} tokens out, sequential, streamed",
+             f"{'':24}{'P/D':>10}{'aggregated':>12}{'ratio':>8}",
+             f"{'TTFT p50 ms':24}{statistics.median(pd_ttft) * ms:>10.1f}"
+             f"{statistics.median(agg_ttft) * ms:>12.1f}"
+             f"{statistics.median(pd_ttft) / statistics.median(agg_ttft):>8.2f}",
+             f"{'TTFT p99 ms':24}{percentile(pd_ttft, .99) * ms:>10.1f}"
+             f"{percentile(agg_ttft, .99) * ms:>12.1f}"
+             f"{percentile(pd_ttft, .99) / percentile(agg_ttft, .99):>8.2f}",
+             f"{'ITL mean ms':24}{pd_itl * ms:>10.2f}{agg_itl * ms:>12.2f}"
+             f"{pd_itl / agg_itl:>8.2f}",
+             f"{'ready s':24}{pd.ready_s:>10.1f}{agg.ready_s:>12.1f}",
+             f"{'tree RSS GB':24}{pd.rss / 1e9:>10.2f}{agg.rss / 1e9:>12.2f}",
+             f"{'tree PSS GB':24}{pd.pss / 1e9:>10.2f}{agg.pss / 1e9:>12.2f}",
+             f"{'processes':24}{pd.processes:>10}{agg.processes:>12}"]
+    if not remote:
+        lines.append("no request took the remote P/D path: overhead not measured")
+        lines.append("overhead_p50_ms=nan overhead_p99_ms=nan")
+        return "\n".join(lines)
+    parts = {"route (router call)": [s.timing.get("route", 0) for s in remote],
+             "prefill call": [s.timing.get("prefill", 0) for s in remote],
+             "prefill engine": [s.timing["prefill-engine"] for s in remote],
+             "KV pull": [s.pull for s in remote],
+             "overhead": overhead}
+    lines.append(f"P/D TTFT breakdown over {len(remote)} remote requests "
+                 f"(ms)   p50      p99")
+    for name, values in parts.items():
+        lines.append(f"  {name:30}{statistics.median(values) * ms:>8.2f}"
+                     f"{percentile(values, .99) * ms:>9.2f}")
+    lines.append(
+        f"overhead_p50_ms={statistics.median(overhead) * ms:.2f} "
+        f"overhead_p99_ms={percentile(overhead, .99) * ms:.2f} "
+        f"ttft_ratio={statistics.median(pd_ttft) / statistics.median(agg_ttft):.2f} "
+        f"itl_ratio={pd_itl / agg_itl:.2f} ready_s={pd.ready_s:.1f} "
+        f"tree_rss_gb={pd.rss / 1e9:.2f}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    from serving.config import app_config_from_file
+    from serving.model import resolve_model
+
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--pd-config", default="configs/cpu-pd.yaml")
+    parser.add_argument("--aggregated-config", default="configs/cpu-aggregated.yaml")
+    parser.add_argument("--aggregated-cores", type=int, default=1)
+    parser.add_argument("--prompt-tokens", type=int, default=1000)
+    parser.add_argument("--output-tokens", type=int, default=64)
+    parser.add_argument("--num-requests", type=int, default=20)
+    parser.add_argument("--log-dir", default=None, help="server logs (default: a temp dir)")
+    args = parser.parse_args(argv)
+
+    config, _ = app_config_from_file(args.pd_config)
+    prompts = make_prompts(resolve_model(config.model), args.prompt_tokens,
+                           args.num_requests + 1)
+    with tempfile.TemporaryDirectory(prefix="pd-overhead-") as tmp:
+        logs = Path(args.log_dir or tmp)
+        pd = measure_server(args.pd_config, config.model_name, prompts, args.output_tokens,
+                            True, logs / "pd.log")
+        agg_config = pinned_config(args.aggregated_config, args.aggregated_cores, tmp)
+        agg = measure_server(agg_config, config.model_name, prompts, args.output_tokens,
+                             False, logs / "aggregated.log")
+    print(report(pd, agg, args.prompt_tokens, args.output_tokens))
+
+
+if __name__ == "__main__":
+    main()
