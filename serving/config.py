@@ -65,9 +65,12 @@ class PoolConfig(StrictModel):
 class RouterConfig(StrictModel):
     """Assignment of requests to prefill and decode replicas (P/D deployments)."""
 
-    policy: Literal["least_loaded", "round_robin", "conditional"] = Field(
+    policy: Literal["least_loaded", "round_robin", "conditional", "prefix_aware"] = Field(
         "least_loaded", description="Replica choice: least-loaded or round-robin (always "
-                                   "remote prefill), or conditional (least-loaded, local "
+                                   "remote prefill), prefix_aware (conditional, but the "
+                                   "replica holding the longest prefix of the prompt wins "
+                                   "unless its queue outweighs it), or conditional "
+                                   "(least-loaded, local "
                                    "prefill for short prompts or a long prefill queue).")
     local_prefill_max_tokens: int = Field(
         64, ge=0, description="'conditional' policy: prompts with at most this many tokens "
@@ -76,6 +79,9 @@ class RouterConfig(StrictModel):
         4.0, gt=0, description="'conditional' policy: prefill locally when the prefill "
                                "pool's waiting requests per replica exceed this multiple of "
                                "decode's (plus one).")
+    prefix_tokens_per_request: int = Field(
+        512, ge=1, description="'prefix_aware' policy: matched prefix tokens worth one "
+                               "request more in a replica's queue.")
     prefill_timeout_s: float = Field(
         30.0, gt=0, description="A remote prefill that takes longer is abandoned and the "
                                 "decode replica prefills locally.")
