@@ -6,10 +6,11 @@ endpoint on the same prompts, plus start-up time and memory of each process tree
         [--aggregated-config configs/cpu-aggregated.yaml] [--aggregated-cores 1]
         [--prompt-tokens 1000] [--output-tokens 64] [--num-requests 20]
 
-Both servers run in this one run, one after the other (P/D first), on the same
-prompts: sequential streamed greedy requests (low load), ignore_eos so each makes
-exactly --output-tokens tokens, a distinct prompt per request so no prefix cache
-hides a prefill; the first request of each server warms up and is not counted.
+Both servers run in this one run (started one after the other, P/D first, each timed
+alone until ready), then get the same prompts alternately, one request at a time, so
+both see the same machine load: sequential streamed greedy requests (low load),
+ignore_eos so each makes exactly --output-tokens tokens, a distinct prompt per request
+so no prefix cache hides a prefill; the first request to each warms up.
 
 Per P/D request:
   overhead = client TTFT - prefill engine time - KV pull time
@@ -129,25 +130,27 @@ def stream_once(client: httpx.Client, base_url: str, body: dict) -> Sample:
     return Sample(first, gaps, timing)
 
 
-def run_requests(base_url: str, model: str, prompts: list[str], output_tokens: int,
-                 with_pulls: bool) -> list[Sample]:
-    headers = {}
-    if key := os.environ.get("PDSERVE_API_KEY"):
-        headers["Authorization"] = f"Bearer {key}"
-    samples = []
-    with httpx.Client(timeout=300, headers=headers, trust_env=False) as client:
-        before = pull_totals(client, base_url) if with_pulls else None
-        for prompt in prompts:
-            body = {"model": model, "prompt": prompt, "max_tokens": output_tokens,
-                    "temperature": 0.0, "ignore_eos": True, "stream": True}
-            sample = stream_once(client, base_url, body)
-            if with_pulls:
-                after = _wait_for_pull(client, base_url, before)
-                if after[0] == before[0] + 1:
-                    sample.pull = after[1] - before[1]
-                before = after
-            samples.append(sample)
-    return samples[1:]  # the first one warms up
+class Client:
+    """Sequential streamed requests to one server; on P/D, each request's KV pull time."""
+
+    def __init__(self, base_url: str, model: str, output_tokens: int, with_pulls: bool):
+        headers = {}
+        if key := os.environ.get("PDSERVE_API_KEY"):
+            headers["Authorization"] = f"Bearer {key}"
+        self.http = httpx.Client(timeout=300, headers=headers, trust_env=False)
+        self.base_url, self.model, self.output_tokens = base_url, model, output_tokens
+        self.pulls = pull_totals(self.http, base_url) if with_pulls else None
+
+    def request(self, prompt: str) -> Sample:
+        body = {"model": self.model, "prompt": prompt, "max_tokens": self.output_tokens,
+                "temperature": 0.0, "ignore_eos": True, "stream": True}
+        sample = stream_once(self.http, self.base_url, body)
+        if self.pulls is not None:
+            after = _wait_for_pull(self.http, self.base_url, self.pulls)
+            if after[0] == self.pulls[0] + 1:
+                sample.pull = after[1] - self.pulls[1]
+            self.pulls = after
+        return sample
 
 
 def _wait_for_pull(client: httpx.Client, base_url: str,
@@ -206,23 +209,50 @@ def pinned_config(config_path: str, cores: int, out_dir: str) -> str:
 @dataclass(slots=True)
 class ServerRun:
     ready_s: float
-    processes: int
-    rss: int
-    pss: int
-    samples: list[Sample]
+    processes: int = 0
+    rss: int = 0
+    pss: int = 0
+    samples: list[Sample] = field(default_factory=list)
 
 
-def measure_server(config_path: str, model: str, prompts: list[str], output_tokens: int,
-                   with_pulls: bool, log_path: Path) -> ServerRun:
+def start_server(config_path: str, log_path: Path) -> tuple[ManagedServer, float]:
     command = [sys.executable, "-m", "serving.cli", "serve", config_path, "--port", "{port}"]
     server = ManagedServer(shlex.join(command), log_path=log_path, ready_timeout_s=600,
                            env={"PDSERVE_ENGINE_LOGS": "0"})
     started = time.monotonic()
-    with server as base_url:
-        ready_s = time.monotonic() - started
-        samples = run_requests(base_url, model, prompts, output_tokens, with_pulls)
-        processes, rss, pss = tree_memory(server.proc.pid)
-    return ServerRun(ready_s, processes, rss, pss, samples)
+    try:
+        server.start()
+    except BaseException:
+        server.stop(grace_s=5.0)
+        raise
+    return server, time.monotonic() - started
+
+
+def measure(pd_config: str, agg_config: str, model: str, prompts: list[str],
+            output_tokens: int, logs: Path) -> tuple[ServerRun, ServerRun]:
+    """Start P/D, then aggregated (each alone, for its ready time); then alternate one
+    request to each, so both see the same machine load; the first pair warms up."""
+    pd_server, pd_ready = start_server(pd_config, logs / "pd.log")
+    try:
+        agg_server, agg_ready = start_server(agg_config, logs / "aggregated.log")
+        try:
+            pd, agg = ServerRun(pd_ready), ServerRun(agg_ready)
+            clients = [(pd, Client(pd_server.base_url, model, output_tokens, True)),
+                       (agg, Client(agg_server.base_url, model, output_tokens, False))]
+            for i, prompt in enumerate(prompts):
+                for run, client in clients:
+                    sample = client.request(prompt)
+                    if i:
+                        run.samples.append(sample)
+            for run, server in ((pd, pd_server), (agg, agg_server)):
+                run.processes, run.rss, run.pss = tree_memory(server.proc.pid)
+            for _, client in clients:
+                client.http.close()
+        finally:
+            agg_server.stop()
+    finally:
+        pd_server.stop()
+    return pd, agg
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -295,11 +325,9 @@ def main(argv: list[str] | None = None) -> None:
                            args.num_requests + 1)
     with tempfile.TemporaryDirectory(prefix="pd-overhead-") as tmp:
         logs = Path(args.log_dir or tmp)
-        pd = measure_server(args.pd_config, config.model_name, prompts, args.output_tokens,
-                            True, logs / "pd.log")
         agg_config = pinned_config(args.aggregated_config, args.aggregated_cores, tmp)
-        agg = measure_server(agg_config, config.model_name, prompts, args.output_tokens,
-                             False, logs / "aggregated.log")
+        pd, agg = measure(args.pd_config, agg_config, config.model_name, prompts,
+                          args.output_tokens, logs)
     print(report(pd, agg, args.prompt_tokens, args.output_tokens))
 
 
