@@ -55,11 +55,7 @@ def plot_cdfs(results: dict[str, dict[str, Any]], path: Path,
         ax.set_ylabel("fraction of samples")
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return _save(fig, path)
 
 
 def load_of(result: dict[str, Any]) -> tuple[str, float]:
@@ -96,6 +92,10 @@ def plot_vs_load(series: dict[str, list[dict[str, Any]]], path: Path,
         ax.set_xlabel(xlabel)
         ax.grid(alpha=0.3)
         ax.legend(fontsize="small")
+    return _save(fig, path)
+
+
+def _save(fig, path: Path) -> Path:
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
