@@ -133,7 +133,9 @@ class PDConnector(KVConnectorBase_V1):
         return self.worker.get_block_ids_with_load_errors()
 
     def get_kv_connector_stats(self) -> PDConnectorStats | None:
-        return self.worker.get_stats() if self.worker is not None else None
+        if self.worker is not None:
+            return self.worker.get_stats()
+        return self.scheduler.get_kv_connector_stats()
 
     @classmethod
     def build_kv_connector_stats(cls, data: dict[str, Any] | None = None) -> PDConnectorStats:

@@ -20,6 +20,7 @@ from .metadata import (
     LeaseGrant, LoadSpec, PDConnectorMetadata, PDHandshakeMetadata, PeerNotice,
     TransferParams,
 )
+from .stats import TIER_KEYS, PDConnectorStats
 
 if TYPE_CHECKING:
     from .tiers.scheduler import TierScheduler
@@ -150,6 +151,16 @@ class PDScheduler:
         if self.tiers is not None:
             meta.tiers = self.tiers.build_meta()
         return meta
+
+    def get_kv_connector_stats(self) -> "PDConnectorStats | None":
+        """Scheduler-side stats for this step: the tiers' key report, if any changed
+        (vLLM merges them into the worker's and hands them to the stat loggers)."""
+        report = self.tiers.take_key_report() if self.tiers is not None else None
+        if report is None:
+            return None
+        stats = PDConnectorStats()
+        stats.data[TIER_KEYS] = report
+        return stats
 
     def update_connector_output(self, finished_recving: set[str] | None,
                                 worker_meta: Any = None) -> None:

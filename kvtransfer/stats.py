@@ -25,6 +25,8 @@ _COUNTERS = (
     "nvme_hits", "nvme_misses", "nvme_bytes_loaded", "nvme_bytes_stored", "nvme_evictions",
     "tier_load_failures",
 )
+# Scheduler half: the tiers' key report of this step (kvtransfer.tiers.journal)
+TIER_KEYS = "tier_keys"
 
 
 def _empty() -> dict[str, Any]:
@@ -78,6 +80,8 @@ class PDConnectorStats(KVConnectorStats):
         self.data["pull_ms"].extend(other.data.get("pull_ms", []))
         for reason, n in other.data.get("failures", {}).items():
             self.data["failures"][reason] = self.data["failures"].get(reason, 0) + n
+        if TIER_KEYS in other.data:
+            self.data[TIER_KEYS] = other.data[TIER_KEYS]
         self.data["leases_outstanding"] = other.data.get(
             "leases_outstanding", self.data["leases_outstanding"]
         )
@@ -97,7 +101,8 @@ class PDConnectorStats(KVConnectorStats):
         return out
 
     def is_empty(self) -> bool:
-        return all(self.data[name] == 0 for name in _COUNTERS)
+        return (all(self.data.get(name, 0) == 0 for name in _COUNTERS)
+                and TIER_KEYS not in self.data)
 
 
 class PDPromMetrics(KVConnectorPromMetrics):

@@ -21,6 +21,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 from serving.config import AppConfig, Role
 from serving.engine import ENGINE_SECONDS_KEY
 from serving.errors import OverloadedError
+from serving.prefix import HashSpec, PromptHasher
 from serving.router import RouterClient
 
 logger = logging.getLogger("pdserve.dispatch")
@@ -37,6 +38,8 @@ class Dispatch:
     reason: str
     decode_replica: str | None = None
     route_s: float = 0.0  # the router's assign() as the ingress saw it
+    policy_s: float = 0.0  # ... and its policy's decision inside the router
+    matched_tokens: int | None = None  # prompt tokens the prefilling replica held
     prefill_s: float = 0.0  # the remote prefill as the ingress saw it
     prefill_engine_s: float = 0.0  # ... and inside the prefill replica
     started: float = field(default_factory=time.perf_counter)
@@ -44,6 +47,8 @@ class Dispatch:
     def server_timing(self) -> str:
         """A Server-Timing header value (milliseconds), for clients and benchmarks."""
         parts = [("route", self.route_s)]
+        if self.policy_s:
+            parts.append(("route-policy", self.policy_s))
         if self.prefill_s:
             parts += [("prefill", self.prefill_s), ("prefill-engine", self.prefill_engine_s)]
         return ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in parts)
@@ -59,7 +64,9 @@ class Dispatcher:
         self.router = router
         self.engines = engines
         self.tokenizer = None
-        if config.is_disaggregated and config.router.policy == "conditional":
+        self.hasher: PromptHasher | None = None
+        self.wants_hashes = config.is_disaggregated and config.router.policy == "prefix_aware"
+        if config.is_disaggregated and config.router.policy in ("conditional", "prefix_aware"):
             self.tokenizer = _load_tokenizer(config.model)
 
     async def start(self, endpoint: str, body: dict, session: str | None) -> Dispatch:
@@ -67,14 +74,19 @@ class Dispatcher:
             reply = self.engines[Role.AGGREGATED].options(stream=True).generate.remote(
                 endpoint, body)
             return Dispatch(reply, "aggregated", "aggregated")
+        num_tokens, hashes = await self._prompt_blocks(endpoint, body)
+        block_size = self.hasher.spec.block_size if self.hasher is not None else 32
         started = time.perf_counter()
         try:
-            route = await self.router.call("assign", self._num_prompt_tokens(endpoint, body),
-                                           session, _may_disaggregate(body))
+            route = await self.router.call("assign", num_tokens, session,
+                                           _may_disaggregate(body), hashes, block_size)
         except LookupError as exc:
             raise OverloadedError("no decode replica is available") from exc
         dispatch = Dispatch(None, "local", route["reason"], route["decode"],
-                            route_s=time.perf_counter() - started)
+                            route_s=time.perf_counter() - started,
+                            policy_s=route.get("policy_s", 0.0),
+                            matched_tokens=(route.get("matched_tokens", 0)
+                                            if self.wants_hashes else None))
         if route["prefill"] is not None:
             started = time.perf_counter()
             prefilled = await self._prefill(endpoint, body, route["prefill"])
@@ -117,21 +129,41 @@ class Dispatcher:
             return None  # the decode replica will answer the same request (or error)
         return result
 
-    def _num_prompt_tokens(self, endpoint: str, body: dict) -> int:
-        """Prompt length for the policy; exact with a tokenizer, else estimated."""
+    async def _prompt_blocks(self, endpoint: str, body: dict) -> tuple[int, tuple[bytes, ...]]:
+        """Prompt length for the policy (exact with a tokenizer, else estimated) and,
+        for prefix_aware, the prompt's block hashes as the engines compute them."""
+        token_ids = self._prompt_token_ids(endpoint, body)
+        if token_ids is None:
+            return len(str(body.get("prompt") or body.get("messages") or "")) // 4, ()
+        if not self.wants_hashes:
+            return len(token_ids), ()
+        if self.hasher is None:
+            spec = await self.router.call("hash_spec")
+            if spec is None:  # no engine has reported yet (or its hashes are private)
+                return len(token_ids), ()
+            self.hasher = PromptHasher(HashSpec(**spec))
+        return len(token_ids), self.hasher.block_hashes(token_ids, body.get("cache_salt"))
+
+    def _prompt_token_ids(self, endpoint: str, body: dict) -> list[int] | None:
+        """The prompt's token ids as vLLM's OpenAI layer makes them (chat: the model's
+        chat template, no special tokens added; completions: the tokenizer's BOS)."""
         if self.tokenizer is None:
-            return len(str(body.get("prompt") or body.get("messages") or "")) // 4
+            return None
         try:
             if endpoint == "chat":
-                return len(self.tokenizer.apply_chat_template(
-                    body["messages"], tokenize=True, add_generation_prompt=True))
+                text = self.tokenizer.apply_chat_template(
+                    body["messages"], tokenize=False,
+                    add_generation_prompt=body.get("add_generation_prompt", True))
+                return self.tokenizer(text, add_special_tokens=False)["input_ids"]
             prompt = body["prompt"]
             if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-                return len(prompt)
+                return prompt
+            if isinstance(prompt, list) and len(prompt) == 1:
+                prompt = prompt[0]
             text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
-            return len(self.tokenizer(text)["input_ids"])
+            return self.tokenizer(text)["input_ids"]
         except Exception:  # an odd but valid prompt shape: estimate
-            return len(str(body.get("prompt") or body.get("messages"))) // 4
+            return None
 
 
 def _may_disaggregate(body: dict) -> bool:

@@ -21,6 +21,7 @@ from ray import serve
 from serving.config import AppConfig, PoolConfig, Role
 from serving.metrics import KVTransferTotals
 from serving.model import resolve_model
+from serving.prefix import RESYNC, TIER_KEYS, HashSpec, HeldBlocks
 from serving.protocol import validate_request
 from serving.router import RouterClient
 
@@ -75,6 +76,7 @@ class LoadStatLogger:
         self.counters = {"external_hit_tokens": 0, "external_query_tokens": 0,
                          "local_hit_tokens": 0}
         self.kv_transfer = KVTransferTotals()
+        self.held = HeldBlocks()  # block hashes the connector's tiers hold
 
     def record(self, scheduler_stats: Any, iteration_stats: Any,
                mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
@@ -90,6 +92,9 @@ class LoadStatLogger:
         self.counters["local_hit_tokens"] += scheduler_stats.prefix_cache_stats.hits
         if scheduler_stats.kv_connector_stats:
             self.kv_transfer.observe(scheduler_stats.kv_connector_stats)
+            keys = scheduler_stats.kv_connector_stats.get(TIER_KEYS)
+            if keys is not None:
+                self.held.apply(keys)
 
     def log_engine_initialized(self) -> None:
         pass
@@ -129,6 +134,9 @@ class EngineServer:
         self.handlers = {"completions": self.state.openai_serving_completion,
                          "chat": self.state.openai_serving_chat}
         self.started_s = time.monotonic() - started
+        spec = HashSpec.of_engine(self.engine.vllm_config)
+        self.hash_spec = dataclasses.asdict(spec) if spec is not None else None
+        self._tracks_blocks = pool.kv_connector.get("tiers") is not None
         logger.info("engine %s (%s) ready in %.1f s", self.replica_id, self.role.value,
                     self.started_s)
         self._router = RouterClient(router) if router is not None else None
@@ -181,7 +189,7 @@ class EngineServer:
         stats = {"replica_id": self.replica_id, "role": self.role.value,
                  "num_running": self.load.num_running, "num_waiting": self.load.num_waiting,
                  "kv_cache_usage": self.load.kv_cache_usage, "started_s": self.started_s,
-                 "counters": dict(self.load.counters)}
+                 "counters": dict(self.load.counters), "hash_spec": self.hash_spec}
         if self.role in KV_ROLES:
             stats["kv_transfer"] = self.load.kv_transfer.as_dict()
         return stats
@@ -190,17 +198,25 @@ class EngineServer:
         await self.engine.check_health()
 
     async def _report_load(self) -> None:
-        """Report on change (within REPORT_INTERVAL_S), and as a heartbeat when idle."""
+        """Report on change (within REPORT_INTERVAL_S), and as a heartbeat when idle.
+        With tiers, a report carries the changes to the held block hashes."""
         last, last_sent = None, 0.0
+        held = self.load.held
         while True:
             stats = await self.stats()
             key = (stats["num_running"], stats["num_waiting"], stats["kv_cache_usage"],
                    tuple(stats["counters"].values()), repr(stats.get("kv_transfer")))
-            if key != last or time.monotonic() - last_sent >= HEARTBEAT_S:
+            if (key != last or time.monotonic() - last_sent >= HEARTBEAT_S
+                    or (self._tracks_blocks and held.has_update)):
+                if self._tracks_blocks:
+                    stats["blocks"] = held.take_update()
                 try:
-                    await self._router.call("report", stats)
+                    answer = await self._router.call("report", stats)
                     last, last_sent = key, time.monotonic()
+                    if answer and answer.get(RESYNC):
+                        held.resync()
                 except Exception:  # the router restarts; reports resume when it is back
+                    held.resync()
                     logger.debug("load report failed", exc_info=True)
             await asyncio.sleep(REPORT_INTERVAL_S)
 

@@ -109,6 +109,7 @@ class OpenAIIngress:
                 endpoint, body, request.headers.get(self.config.router.session_header))
             timer.path = dispatch.path
             self.metrics.decisions.labels(dispatch.path, dispatch.reason).inc()
+            self._observe_route(dispatch)
             if dispatch.prefill_s:
                 self.metrics.prefill_seconds.labels("call").observe(dispatch.prefill_s)
             if dispatch.prefill_engine_s:
@@ -159,6 +160,16 @@ class OpenAIIngress:
         finally:
             reply.cancel()
             timer.finish(self.metrics, status, usage)
+
+    def _observe_route(self, dispatch: Dispatch) -> None:
+        if dispatch.path == "aggregated":
+            return
+        self.metrics.route_seconds.labels("assign").observe(dispatch.route_s)
+        self.metrics.route_seconds.labels("policy").observe(dispatch.policy_s)
+        if dispatch.matched_tokens is not None:
+            decision = "local" if dispatch.reason.startswith("local") else "remote"
+            self.metrics.matched_prefix_tokens.labels(decision).observe(
+                dispatch.matched_tokens)
 
     def _authorize(self, request: Request) -> None:
         if self.api_key is None:

@@ -18,6 +18,9 @@ LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.6
                    1.28, 2.56, 5.12, 10.24, 20.48, 40.96, 81.92)
 TRANSFER_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0,
                     2.5, 5.0, 10.0)
+MATCHED_TOKEN_BUCKETS = (0, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384, 32768)
+ROUTE_BUCKETS = (0.00001, 0.00003, 0.0001, 0.0003, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+                 0.1, 0.5)
 GAP_BUCKETS = (0.0005, 0.001, 0.002, 0.004, 0.008, 0.016, 0.032, 0.064, 0.128, 0.256,
                0.512, 1.024, 2.048)
 
@@ -61,19 +64,33 @@ class ServingMetrics:
             "Remote prefill time: 'engine' inside the prefill replica, 'call' as the "
             "ingress saw it (engine plus the hops).", ["scope"], buckets=LATENCY_BUCKETS,
             registry=reg)
+        self.matched_prefix_tokens = Histogram(
+            "pdserve_router_matched_prefix_tokens",
+            "prefix_aware routing: prompt tokens whose KV the chosen prefilling replica "
+            "held (its tiers), per decision.", ["decision"],
+            buckets=MATCHED_TOKEN_BUCKETS, registry=reg)
+        self.route_seconds = Histogram(
+            "pdserve_router_decision_seconds",
+            "Routing decision time: 'assign' as the ingress saw the router call, "
+            "'policy' inside the router.", ["scope"], buckets=ROUTE_BUCKETS, registry=reg)
+        self.blocks_held = Gauge("pdserve_replica_tier_blocks",
+                                 "KV blocks each replica's tiers hold, as the router "
+                                 "knows them (prefix_aware).", labels, registry=reg)
         self.replica_counters = _ReplicaCounters()
         reg.register(self.replica_counters)
         reg.register(_KVTransferCollector(self.replica_counters))
 
     def set_replica_loads(self, loads: list[dict]) -> None:
         self.replica_counters.loads = loads
-        for gauge in (self.running, self.waiting, self.kv_usage):
+        for gauge in (self.running, self.waiting, self.kv_usage, self.blocks_held):
             gauge.clear()
         for load in loads:
             labels = (load["role"], load["replica_id"])
             self.running.labels(*labels).set(load["num_running"])
             self.waiting.labels(*labels).set(load["num_waiting"])
             self.kv_usage.labels(*labels).set(load["kv_cache_usage"])
+            if load.get("num_blocks_held") is not None:
+                self.blocks_held.labels(*labels).set(load["num_blocks_held"])
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import AbstractSet, Protocol
 
 from serving.config import RouterConfig
 
@@ -23,7 +23,7 @@ class ReplicaLoad:
     kv_cache_usage: float
     reported_at: float
     counters: dict[str, int] = field(default_factory=dict)
-    block_hashes: frozenset[bytes] = frozenset()  # KV blocks its tiers hold (prefix_aware)
+    block_hashes: AbstractSet[bytes] = frozenset()  # KV blocks its tiers hold (prefix_aware)
     kv_transfer: dict | None = None  # serving.metrics.KVTransferTotals.as_dict()
 
     @property
@@ -44,7 +44,9 @@ class RouteRequest:
 class Route:
     decode: str
     prefill: str | None  # None: the decode replica prefills locally
-    reason: str  # remote | local_short | local_queue | local_unsupported | local_no_prefill
+    # remote | local_short | local_queue | local_unsupported | local_no_prefill
+    # | local_cached (prefix_aware: the decode replica holds all but a short tail)
+    reason: str
     matched_tokens: int = 0  # prompt tokens the chosen prefilling replica holds (prefix_aware)
 
 
@@ -124,7 +126,7 @@ class Conditional(LeastLoaded):
         return None
 
 
-def matched_blocks(request: RouteRequest, held: frozenset[bytes]) -> int:
+def matched_blocks(request: RouteRequest, held: AbstractSet[bytes]) -> int:
     """Leading blocks of the request a replica holds (hashes are chained: block i names
     the whole prefix up to it, and a tier loads only an unbroken prefix)."""
     n = 0
@@ -138,7 +140,14 @@ def matched_blocks(request: RouteRequest, held: frozenset[bytes]) -> int:
 class PrefixAware(Conditional):
     """Conditional, but the replica that prefills (prefill pool, or decode when local)
     is the one whose reported block hashes (its tiers' index) cover the longest prefix
-    of the prompt, less `prefix_tokens_per_request` tokens per request in its queue."""
+    of the prompt, less `prefix_tokens_per_request` tokens per request in its queue.
+    A decode replica that holds all of the prompt but `local_prefill_max_tokens`
+    prefills it itself ("local_cached"). A remote decode goes to the least-loaded
+    replica, among equals the one holding fewest blocks (new prefixes spread out)."""
+
+    def pick_decode(self, decode: list[ReplicaLoad]) -> ReplicaLoad:
+        return min(decode, key=lambda r: (r.queue, r.kv_cache_usage, len(r.block_hashes),
+                                          r.replica_id))
 
     def _best(self, request: RouteRequest, pool: list[ReplicaLoad]) -> tuple[ReplicaLoad, int]:
         weight = self.config.prefix_tokens_per_request
@@ -154,6 +163,10 @@ class PrefixAware(Conditional):
         if reason is not None:
             chosen, matched = self._best(request, decode)
             return Route(chosen.replica_id, None, reason, matched)
+        holder, matched = self._best(request, decode)
+        if matched and (request.num_prompt_tokens - matched
+                        <= self.config.local_prefill_max_tokens):
+            return Route(holder.replica_id, None, "local_cached", matched)
         chosen, matched = self._best(request, prefill)
         return Route(self.pick_decode(decode).replica_id, chosen.replica_id, "remote", matched)
 

@@ -11,13 +11,16 @@ Engine replicas report their load (running and waiting requests, KV-cache usage)
 when it changes, at most every 0.5 s, and every 2 s as a heartbeat. A replica that has
 not reported for `STALE_AFTER_S`, or that the ingress saw fail, is not assigned until
 it reports again after the failure.
+
+Prefix-aware routing: replicas with KV tiers add the changes to the block hashes they
+hold (`serving.prefix`); `report` answers `{RESYNC: True}` when it needs the whole set.
 """
 
 from __future__ import annotations
 
 import time
 from collections import OrderedDict
-from dataclasses import asdict
+from dataclasses import fields
 
 import ray
 from ray import serve
@@ -25,6 +28,7 @@ from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
 from serving.config import RouterConfig
 from serving.policies import ReplicaLoad, RouteRequest, make_policy
+from serving.prefix import RESYNC, BlockSets
 
 STALE_AFTER_S = 5.0
 MAX_SESSIONS = 100_000
@@ -37,32 +41,56 @@ class Router:
         self.replicas: dict[str, ReplicaLoad] = {}
         self.failed_at: dict[str, float] = {}
         self.sessions: OrderedDict[str, str] = OrderedDict()
+        self.blocks = BlockSets()
+        self._hash_spec: dict | None = None
 
-    def report(self, stats: dict) -> None:
-        """Called by each engine replica with its `EngineServer.stats()`."""
+    def report(self, stats: dict) -> dict | None:
+        """Called by each engine replica with its `EngineServer.stats()`; answers
+        `{RESYNC: True}` when the replica must send all its block hashes next time."""
         now = time.monotonic()
         replica_id = stats["replica_id"]
         if now - self.failed_at.get(replica_id, -STALE_AFTER_S) < 1.0:
-            return  # a report sent before the failure was seen
+            return {RESYNC: True}  # a report sent before the failure was seen
         self.failed_at.pop(replica_id, None)
+        in_sync = True
+        if "blocks" in stats:
+            in_sync = self.blocks.apply(replica_id, stats["blocks"])
+        if stats.get("hash_spec"):
+            self._hash_spec = stats["hash_spec"]
         self.replicas[replica_id] = ReplicaLoad(
             replica_id=replica_id, role=stats["role"], num_running=stats["num_running"],
             num_waiting=stats["num_waiting"], kv_cache_usage=stats["kv_cache_usage"],
             reported_at=now, counters=dict(stats.get("counters") or {}),
-            kv_transfer=stats.get("kv_transfer"))
+            block_hashes=self.blocks.get(replica_id), kv_transfer=stats.get("kv_transfer"))
+        return None if in_sync else {RESYNC: True}
+
+    def hash_spec(self) -> dict | None:
+        """How the engines hash KV blocks (`serving.prefix.HashSpec` fields), once one
+        has reported; the ingress hashes prompts the same way."""
+        return self._hash_spec
 
     def mark_failed(self, replica_id: str) -> None:
         """The ingress saw this replica fail: stop assigning it until it reports again."""
         self.replicas.pop(replica_id, None)
+        self.blocks.drop(replica_id)
         self.failed_at[replica_id] = time.monotonic()
 
     def snapshot(self) -> list[dict]:
-        """Live replicas' latest load."""
-        return [asdict(load) for load in self._live()]
+        """Live replicas' latest load; of their block hashes, only the count."""
+        out = []
+        for load in self._live():
+            row = {f.name: getattr(load, f.name) for f in fields(load)
+                   if f.name != "block_hashes"}
+            row["num_blocks_held"] = len(load.block_hashes)
+            out.append(row)
+        return out
 
     def assign(self, num_prompt_tokens: int, session: str | None = None,
-               may_disaggregate: bool = True) -> dict:
-        """Pick {"decode": id, "prefill": id or None, "reason": ...} for one request.
+               may_disaggregate: bool = True, block_hashes: tuple[bytes, ...] = (),
+               block_size: int = 32) -> dict:
+        """Pick {"decode": id, "prefill": id or None, "reason": ..., "matched_tokens": n,
+        "policy_s": seconds the policy took} for one request; `block_hashes` are the
+        prompt's (prefix_aware).
 
         Raises LookupError when no decode replica is live.
         """
@@ -71,14 +99,18 @@ class Router:
         decode = [r for r in live if r.role == "decode"]
         if not decode:
             raise LookupError("no live decode replica")
-        route = self.policy.route(RouteRequest(num_prompt_tokens, session, may_disaggregate),
+        started = time.perf_counter()
+        route = self.policy.route(RouteRequest(num_prompt_tokens, session, may_disaggregate,
+                                               tuple(block_hashes), block_size),
                                   prefill, decode)
+        policy_s = time.perf_counter() - started
         decode_id = self._sticky(session, route.decode, {r.replica_id for r in decode})
         # Count the request now, so assignments between two reports spread out.
         self.replicas[decode_id].num_waiting += 1
         if route.prefill is not None:
             self.replicas[route.prefill].num_waiting += 1
-        return {"decode": decode_id, "prefill": route.prefill, "reason": route.reason}
+        return {"decode": decode_id, "prefill": route.prefill, "reason": route.reason,
+                "matched_tokens": route.matched_tokens, "policy_s": policy_s}
 
     def _sticky(self, session: str | None, chosen: str, live_decode: set[str]) -> str:
         if session is None:
@@ -97,6 +129,7 @@ class Router:
         for replica_id in [r for r, load in self.replicas.items()
                            if now - load.reported_at > STALE_AFTER_S]:
             del self.replicas[replica_id]
+            self.blocks.drop(replica_id)
         return list(self.replicas.values())
 
 

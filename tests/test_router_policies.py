@@ -65,8 +65,9 @@ def test_failed_replica_is_skipped_until_it_reports_again(monkeypatch):
     report(router, "d1", "decode")
     report(router, "p1", "prefill")
     router.mark_failed("p1")
-    assert router.assign(1000) == {"decode": "d1", "prefill": None,
-                                   "reason": "local_no_prefill"}
+    route = router.assign(1000)
+    assert (route["decode"], route["prefill"], route["reason"]) == ("d1", None,
+                                                                    "local_no_prefill")
     router.mark_failed("d1")
     with pytest.raises(LookupError):
         router.assign(1000)

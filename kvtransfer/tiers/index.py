@@ -23,6 +23,7 @@ from itertools import count
 from pathlib import Path
 
 from . import files
+from .journal import KeyJournal
 from .plan import NVME, Place
 
 
@@ -50,6 +51,7 @@ class TierIndex:
         self._pending: dict[int, StorePlan] = {}
         self._pending_keys: set[bytes] = set()
         self._plan_ids = count(1)
+        self.journal = KeyJournal()  # what a prefix-aware router is told
         if nvme_root is not None:
             for key, size in files.scan(nvme_root):
                 self._nvme[key] = size
@@ -127,6 +129,7 @@ class TierIndex:
             if victim is None:
                 return None
             slot = self._dram.pop(victim)
+            self.journal.removed(victim)
             plan.num_dram_evicted += 1
             if self.has_nvme and self._make_nvme_room(plan):
                 plan.spills.append(Place(victim, slot))
@@ -147,6 +150,7 @@ class TierIndex:
                 if victim is None:
                     return False
                 self._nvme_used -= self._nvme.pop(victim)
+                self.journal.removed(victim)
                 plan.deletes.append(victim)
         self._nvme_used += self.block_bytes
         return True
@@ -168,6 +172,7 @@ class TierIndex:
             self._pending_keys.discard(place.key)
             if ok:
                 self._dram[place.key] = place.slot
+                self.journal.added(place.key)
             else:
                 self._free_slots.append(place.slot)
         return plan
@@ -176,11 +181,13 @@ class TierIndex:
         self._pending_keys.discard(key)
         if ok:
             self._nvme[key] = self.block_bytes
+            self.journal.added(key)
         else:
             self._nvme_used -= self.block_bytes
 
     def forget(self, keys: list[bytes]) -> None:
         """Drop keys whose data the worker found bad (a failed load or write)."""
+        self.journal.removed_all(keys)
         for key in keys:
             slot = self._dram.pop(key, None)
             if slot is not None:

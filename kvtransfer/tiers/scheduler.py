@@ -122,6 +122,10 @@ class TierScheduler:
                 self.index.complete_store(plan_id, ok=False)
             self.index.forget(worker_meta.bad_keys)
 
+    def take_key_report(self) -> dict | None:
+        """Changes to the loadable keys since the last call (see `journal`)."""
+        return self.index.journal.take(self.index.keys)
+
     def build_meta(self) -> TierMetadata | None:
         if self._meta.is_empty():
             return None
