@@ -62,6 +62,10 @@ class PDConnectorConfig(BaseModel):
     shared_secret: str | None = Field(
         None, description="If set, both sides must prove it (HMAC) during the handshake."
     )
+    shm: Literal["auto", "off"] = Field(
+        "auto", description="Same-host data path: 'auto' maps the prefill's KV memory "
+        "into a decode peer on the same host (host memory only; else UCX); 'off': UCX.",
+    )
     tiers: TierConfig | None = Field(
         None, description="DRAM/NVMe KV tiers with prefix reuse; unset: none.")
 

@@ -35,6 +35,11 @@ class KVRegion:
     name: str
     blocks: torch.Tensor
     memory_type: MemoryType
+    host_array: Any = None  # numpy view of `blocks` for host memory (cheap slicing)
+
+    def __post_init__(self) -> None:
+        if self.memory_type is MemoryType.HOST:
+            self.host_array = self.blocks.numpy()
 
     @property
     def num_blocks(self) -> int:
@@ -44,12 +49,19 @@ class KVRegion:
     def block_bytes(self) -> int:
         return self.blocks.shape[1]
 
+    def host_storage_span(self) -> tuple[int, int] | None:
+        """(address, bytes) of the host allocation behind this region, or None for
+        device memory (which UCX shares by itself, cuda_ipc, rather than by mapping)."""
+        if self.memory_type is not MemoryType.HOST:
+            return None
+        storage = self.blocks.untyped_storage()
+        return storage.data_ptr(), storage.nbytes()
+
     def view(self, start: int, count: int) -> Any:
         """A buffer over blocks [start, start + count) the transport can read or write."""
-        chunk = self.blocks[start:start + count]
-        if self.memory_type is MemoryType.HOST:
-            return chunk.numpy()
-        return chunk
+        if self.host_array is not None:
+            return self.host_array[start:start + count]
+        return self.blocks[start:start + count]
 
 
 @dataclass(frozen=True, slots=True)

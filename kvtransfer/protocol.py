@@ -7,13 +7,18 @@ moves over the transport (UCX tags), straight between registered memories.
 Conversation (decode side D dials prefill side P's listener):
 
     P -> D  ServerHello(nonce)
-    D -> P  Hello(spec, address, nonce, mac)         D proves the secret, P checks spec
-    P -> D  HelloAck(ok, reason, spec, address, mac) P proves the secret, D checks spec
+    D -> P  Hello(spec, address, host_id, nonce, mac)   D proves the secret, P checks spec
+    P -> D  HelloAck(ok, reason, spec, address, host_id, shm, mac)
+                                 P proves the secret, D checks spec; `shm` is P's offer
+                                 of its KV memory (same host only, see shm.py) or {}
     then, any number of times, in any order:
-    D -> P  PullRequest(xfer_id, lease_id, runs, tag_base)
-    P -> D  PullReply(xfer_id, ok, reason, num_messages)   then the data over UCX
+    D -> P  PullRequest(xfer_id, lease_id, runs, tag_base, mode)
+    P -> D  PullReply(xfer_id, ok, reason, num_messages)
+            mode "ucx": then the data over UCX; mode "shm": D copies from the mapped
+            memory (it may start before the reply; the reply says whether it counts)
     P -> D  PullAbort(xfer_id, reason)   sending failed part way: give up at once
-    D -> P  PullDone(lease_id, ok)       blocks received (or given up): free them
+    D -> P  PullDone(lease_id, ok)       blocks received (or given up): free them (and,
+                                         for shm, end the read pin the reply took)
     D -> P  Heartbeat(lease_ids)         the decode request still waits: keep them
     D -> P  Release(lease_id)            the decode request went away: free them
 """
@@ -45,6 +50,7 @@ class Hello:
     kind: ClassVar[str] = "hello"
     spec: dict[str, Any]
     address: str
+    host_id: str
     nonce: str
     mac: str
 
@@ -57,6 +63,8 @@ class HelloAck:
     message: str
     spec: dict[str, Any]
     address: str
+    host_id: str
+    shm: dict[str, Any]
     mac: str
 
 
@@ -67,6 +75,7 @@ class PullRequest:
     lease_id: str
     runs: list[list[int]]  # [src_start, length] in the order tags are numbered
     tag_base: int
+    mode: str = "ucx"  # "ucx": P sends the data; "shm": D reads P's mapped memory
 
 
 @dataclass(frozen=True, slots=True)

@@ -8,6 +8,15 @@ A pull: agree on runs of (peer block -> local block), ask the peer, post receive
 straight into the local blocks, wait for all of them, tell the peer it may free. Any
 failure after receives were posted cancels them, so no late byte lands in blocks that
 vLLM is about to recompute into.
+
+Same-host peers (shm.py): if the handshake offered the peer's KV memory, the session
+maps it once, and a pull whose blocks all lie in the shared windows is a "shm" pull:
+send the request, copy the blocks at once (while the request and its reply travel),
+then wait for the reply. The copy only counts if the reply is ok: the peer pinned the
+lease, and a lease that is held now was held since before the request was sent (leases
+never come back), so the blocks did not change under the copy. A refused reply turns
+the copied blocks into load errors, as any failure does. The copy is synchronous and
+bounded, so nothing is left to cancel when a shm pull fails.
 """
 
 from __future__ import annotations
@@ -28,9 +37,10 @@ from .handshake import client_handshake
 from .memory import KVRegion, check_block_ids, coalesce, split_runs
 from .metadata import LoadSpec
 from .protocol import (
-    Heartbeat, PullAbort, PullDone, PullReply, PullRequest, Release, read_message,
+    Heartbeat, PullAbort, PullDone, PullReply, PullRequest, Release, encode, read_message,
     write_message,
 )
+from .shm import ParallelCopier, PeerMemory, host_identity
 from .transport import Transport
 
 logger = logging.getLogger(__name__)
@@ -53,6 +63,8 @@ class PullResult:
     num_blocks: int = 0
     seconds: float = 0.0
     reason: str | None = None
+    mode: str = "ucx"
+    phases: dict[str, float] = field(default_factory=dict)  # ms, see KVReceiver._pull
 
     @property
     def ok(self) -> bool:
@@ -67,6 +79,12 @@ class _Session:
     aborts: dict[int, asyncio.Future] = field(default_factory=dict)
     closed: bool = False
     reader_task: asyncio.Task | None = None  # held: asyncio only keeps weak references
+    memory: PeerMemory | None = None  # the peer's KV memory, mapped (same host only)
+
+    def send_nowait(self, msg) -> None:
+        """Queue a small message without waiting for the socket (best effort)."""
+        if not self.closed:
+            self.writer.write(encode(msg))
 
     async def send(self, msg) -> None:
         if self.closed:
@@ -91,6 +109,8 @@ class _Session:
         finally:
             self.closed = True
             self.writer.close()
+            if self.memory is not None:
+                self.memory.close()
             for fut in [*self.replies.values(), *self.aborts.values()]:
                 if not fut.done():
                     fut.set_exception(PeerUnreachable("peer closed the control session"))
@@ -110,6 +130,8 @@ class KVReceiver:
         self._connecting: dict[tuple[str, int], asyncio.Lock] = {}
         self._xfer_ids = itertools.count(1)
         self._receiving: set[asyncio.Future] = set()
+        self._host_id = host_identity()
+        self._copier = ParallelCopier()
 
     async def _session(self, host: str, port: int) -> _Session:
         key = (host, int(port))
@@ -125,9 +147,9 @@ class KVReceiver:
             except (OSError, asyncio.TimeoutError) as e:
                 raise PeerUnreachable(f"cannot reach {host}:{port}: {e!r}") from e
             try:
-                await asyncio.wait_for(client_handshake(
+                info = await asyncio.wait_for(client_handshake(
                     reader, writer, self._spec, self._transport.address(),
-                    self._config.shared_secret), timeout)
+                    self._config.shared_secret, self._host_id), timeout)
             except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
                 writer.close()
                 raise PeerUnreachable(f"handshake with {host}:{port} failed: {e!r}") from e
@@ -135,9 +157,23 @@ class KVReceiver:
                 writer.close()
                 raise
             session = _Session(reader, writer)
+            session.memory = await self._map_peer_memory(info, host, port)
             session.reader_task = asyncio.get_running_loop().create_task(session.read_loop())
             self._sessions[key] = session
             return session
+
+    async def _map_peer_memory(self, info, host: str, port: int) -> PeerMemory | None:
+        if (self._config.shm != "auto" or not info.shm_offer or not self._host_id
+                or info.host_id != self._host_id):
+            return None
+        try:
+            return await asyncio.to_thread(
+                PeerMemory.attach, info.shm_offer, [r.block_bytes for r in self._regions],
+                self._config.handshake_timeout_s)
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            logger.warning("kvtransfer: cannot map %s:%s's KV memory, using UCX: %r",
+                           host, port, e)
+            return None
 
     async def pull(self, load: LoadSpec) -> PullResult:
         """Run one pull to completion; never raises, the result says what happened."""
@@ -173,19 +209,37 @@ class KVReceiver:
         return split_runs(runs, max(1, self._config.max_message_bytes // largest))
 
     async def _pull(self, load: LoadSpec, result: PullResult) -> None:
+        loop = asyncio.get_running_loop()
+        marks = {"start": loop.time()}
         runs = self._plan(load)
         session = await self._session(load.remote_host, load.remote_port)
+        marks["session"] = loop.time()
+        plan = session.memory.plan(runs, self._regions) if session.memory else None
+        if plan is None:
+            pairs, recv_views = [], [
+                region.view(r.dst, r.length) for region in self._regions for r in runs]
+        else:
+            result.mode = "shm"
+            pairs, outside = plan
+            recv_views = [self._regions[i].view(r.dst, r.length) for i, r in outside]
         xfer_id = next(self._xfer_ids)
-        loop = asyncio.get_running_loop()
         reply_fut, abort_fut = loop.create_future(), loop.create_future()
         session.replies[xfer_id], session.aborts[xfer_id] = reply_fut, abort_fut
         try:
             result.state = PullState.REQUESTED
-            await session.send(PullRequest(
-                xfer_id, load.remote_request_id, [[r.src, r.length] for r in runs], xfer_id << 32
-            ))
+            copy = self._copier.start(pairs)  # pool threads start copying now
+            try:
+                await session.send(PullRequest(
+                    xfer_id, load.remote_request_id, [[r.src, r.length] for r in runs],
+                    xfer_id << 32, result.mode))
+                marks["sent"] = loop.time()
+            finally:
+                copy.finish()  # our share, while the request and its reply travel
+            marks["copied"] = loop.time()
             reply: PullReply = await reply_fut
-            await self._receive(xfer_id, reply, runs, abort_fut, result)
+            marks["reply"] = loop.time()
+            await self._receive(xfer_id, reply, recv_views, abort_fut, result)
+            marks["received"] = loop.time()
         finally:
             session.replies.pop(xfer_id, None)
             session.aborts.pop(xfer_id, None)
@@ -193,15 +247,22 @@ class KVReceiver:
                 abort_fut.cancel()
         result.num_blocks = len(load.local_block_ids)
         result.num_bytes = result.num_blocks * sum(r.block_bytes for r in self._regions)
-        await session.send(PullDone(load.remote_request_id, True))
+        result.phases = _phases(marks, bool(pairs))
+        # Off the critical path: sent right after the result is handed back.
+        loop.call_later(0, session.send_nowait, PullDone(load.remote_request_id, True))
+        logger.debug("kvtransfer: pull %s %s %d blocks %.1f MiB phases(ms) %s",
+                     load.request_id, result.mode, result.num_blocks,
+                     result.num_bytes / 2**20, result.phases)
 
-    async def _receive(self, xfer_id: int, reply: PullReply, runs, abort_fut: asyncio.Future,
-                       result: PullResult) -> None:
-        views = [region.view(r.dst, r.length) for region in self._regions for r in runs]
+    async def _receive(self, xfer_id: int, reply: PullReply, views: list,
+                       abort_fut: asyncio.Future, result: PullResult) -> None:
+        """Check the reply; post and wait for receives of the messages it announces."""
         if not reply.ok:
             raise error_from_reason(reply.reason, f"peer refused pull: {reply.message}")
         if reply.num_messages != len(views):
             raise TransferFailed(f"peer sends {reply.num_messages} messages, expected {len(views)}")
+        if not views:
+            return
         result.state = PullState.RECEIVING
         waits = [self._transport.post_recv(v, (xfer_id << 32) + i) for i, v in enumerate(views)]
         gathered = asyncio.gather(*waits)
@@ -250,3 +311,18 @@ class KVReceiver:
     async def close(self) -> None:
         for session in self._sessions.values():
             session.writer.close()
+            if session.memory is not None:
+                session.memory.close()
+        self._copier.close()
+
+
+def _phases(marks: dict[str, float], copied: bool) -> dict[str, float]:
+    """ms per phase: session (connect + handshake the first time), request (written),
+    copy (shm: our copy after the request went out), reply (until the reply was seen;
+    it waits behind the copy), receive (UCX messages after the reply)."""
+    order = ["start", "session", "sent", "copied", "reply", "received"]
+    names = ["session", "request", "copy", "reply", "receive"]
+    out = {name: marks[b] - marks[a] for name, a, b in zip(names, order, order[1:])}
+    if not copied:
+        out["reply"] += out.pop("copy")
+    return {k: round(v * 1e3, 3) for k, v in out.items()}

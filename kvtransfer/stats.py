@@ -19,7 +19,7 @@ from vllm.v1.metrics.utils import create_metric_per_engine
 _COUNTERS = (
     "num_pulls", "num_pull_failures", "bytes_received", "blocks_received",
     "num_sends", "num_send_failures", "bytes_sent", "blocks_sent",
-    "leases_granted", "leases_released", "leases_expired",
+    "leases_granted", "leases_released", "leases_expired", "num_pulls_shm",
     # tiers: hits and misses in blocks (a miss: looked up, not found in that tier)
     "dram_hits", "dram_misses", "dram_bytes_loaded", "dram_bytes_stored", "dram_evictions",
     "nvme_hits", "nvme_misses", "nvme_bytes_loaded", "nvme_bytes_stored", "nvme_evictions",
@@ -33,6 +33,7 @@ def _empty() -> dict[str, Any]:
     data: dict[str, Any] = {name: 0 for name in _COUNTERS}
     data["pull_ms"] = []
     data["failures"] = {}
+    data["pull_phase_ms"] = {}  # phase -> summed ms over successful pulls
     data["leases_outstanding"] = 0
     return data
 
@@ -49,12 +50,15 @@ class PDConnectorStats(KVConnectorStats):
         self.data["leases_outstanding"] = outstanding
 
     def record_pull(self, ok: bool, num_bytes: int, num_blocks: int, seconds: float,
-                    reason: str | None) -> None:
+                    reason: str | None, mode: str = "ucx",
+                    phases: dict[str, float] | None = None) -> None:
         self.data["num_pulls"] += 1
         if ok:
             self.data["bytes_received"] += num_bytes
             self.data["blocks_received"] += num_blocks
             self.data["pull_ms"].append(round(seconds * 1e3, 3))
+            self.data["num_pulls_shm"] += mode == "shm"
+            _add(self.data["pull_phase_ms"], phases or {})
         else:
             self._fail(reason or "error", "num_pull_failures")
 
@@ -80,6 +84,7 @@ class PDConnectorStats(KVConnectorStats):
         self.data["pull_ms"].extend(other.data.get("pull_ms", []))
         for reason, n in other.data.get("failures", {}).items():
             self.data["failures"][reason] = self.data["failures"].get(reason, 0) + n
+        _add(self.data["pull_phase_ms"], other.data.get("pull_phase_ms", {}))
         if TIER_KEYS in other.data:
             self.data[TIER_KEYS] = other.data[TIER_KEYS]
         self.data["leases_outstanding"] = other.data.get(
@@ -98,11 +103,18 @@ class PDConnectorStats(KVConnectorStats):
             out["pull_gbps"] = round(self.data["bytes_received"] / secs / 1e9, 3) if secs else 0
         for reason, n in self.data["failures"].items():
             out[f"failures_{reason}"] = n
+        for phase, ms in self.data["pull_phase_ms"].items():
+            out[f"pull_{phase}_ms_avg"] = round(ms / len(lat), 3) if lat else 0
         return out
 
     def is_empty(self) -> bool:
         return (all(self.data.get(name, 0) == 0 for name in _COUNTERS)
                 and TIER_KEYS not in self.data)
+
+
+def _add(into: dict[str, float], values: dict[str, float]) -> None:
+    for key, value in values.items():
+        into[key] = round(into.get(key, 0) + value, 3)
 
 
 class PDPromMetrics(KVConnectorPromMetrics):

@@ -165,7 +165,7 @@ class PDWorker:
         with self._lock:
             self._done_pulls.append(result)
             self._stats.record_pull(result.ok, result.num_bytes, result.num_blocks,
-                                    result.seconds, result.reason)
+                                    result.seconds, result.reason, result.mode, result.phases)
 
     def _record_send(self, record: SendRecord) -> None:
         with self._lock:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 
+import numpy as np
 import pytest
 import torch
 from pydantic import ValidationError
@@ -15,10 +17,14 @@ from kvtransfer.leases import LeaseTable
 from kvtransfer.memory import (
     Run, check_block_ids, coalesce, regions_from_kv_caches, split_runs,
 )
-from kvtransfer.metadata import TransferParams
+from kvtransfer.metadata import LoadSpec, PDConnectorMetadata, TransferParams
 from kvtransfer.protocol import ProtocolError, PullRequest, decode, encode
-from kvtransfer.worker import ModelIdentity
-from tests.kvtransfer_helpers.workers import grant, load, make_worker, wait_finished
+from kvtransfer.shm import PAGE, FdServer, ParallelCopier, PeerMemory, SharedKV
+from kvtransfer.worker import ModelIdentity, PDWorker
+from tests.kvtransfer_helpers.remote import IDENTITY, RemotePrefill, expected_block
+from tests.kvtransfer_helpers.workers import (
+    NUM_BLOCKS, SHAPE, grant, load, make_worker, wait_finished,
+)
 
 
 class FakeClock:
@@ -143,10 +149,11 @@ def test_config_rejects_unknown_keys():
 
 # ---- two workers over loopback --------------------------------------------------------
 
-@pytest.fixture
-def pair():
-    prefill, p_caches = make_worker(producer=True)
-    decode_, d_caches = make_worker(producer=False)
+@pytest.fixture(params=["off", "auto"], ids=["loopback", "shm"])
+def pair(request):
+    """The same tests over the loopback transport and over the same-host shm path."""
+    prefill, p_caches = make_worker(producer=True, shm=request.param)
+    decode_, d_caches = make_worker(producer=False, shm=request.param)
     yield prefill, p_caches, decode_, d_caches
     prefill.shutdown()
     decode_.shutdown()
@@ -164,6 +171,7 @@ def test_pull_moves_blocks_and_releases_lease(pair):
     assert wait_finished(prefill)[0] == {"r1"}  # decode's done notice freed the lease
     stats = decode_.get_stats().reduce()
     assert stats["blocks_received"] == 3 and stats["num_pull_failures"] == 0
+    assert stats["num_pulls_shm"] == (decode_.config.shm == "auto")
 
 
 def test_pull_of_tail_after_local_prefix_hit(pair):
@@ -203,14 +211,17 @@ def test_expired_lease_frees_blocks_and_refuses_pull(pair):
     assert wait_finished(decode_)[2] == {5}
 
 
-def test_failed_transfer_reports_blocks_and_frees_lease(pair):
-    prefill, _, decode_, _ = pair
+def test_failed_transfer_reports_blocks_and_frees_lease():
+    prefill, _ = make_worker(producer=True, shm="off")
+    decode_, _ = make_worker(producer=False, shm="off")
     prefill.transport.fail_sends_after = 1  # the second message of the pull fails
     grant(prefill, "r1", [3, 5])
     load(decode_, prefill, "d1", "r1", local=[6, 9], remote=[3, 5])
     _, recving, errors = wait_finished(decode_)
     assert recving == {"d1"} and errors == {6, 9}
     assert wait_finished(prefill)[0] == {"r1"}
+    prefill.shutdown()
+    decode_.shutdown()
 
 
 def test_handshake_checks_secret_and_compatibility():
@@ -295,3 +306,181 @@ def test_stats_aggregate_reduce_and_reach_prometheus():
     assert registry.get_sample_value("vllm:pd_kv_bytes_received_total", {"engine": "0"}) == 1000
     assert registry.get_sample_value(
         "vllm:pd_kv_failures_total", {"engine": "0", "reason": "timeout"}) == 1
+
+
+# ---- same-host shared memory ----------------------------------------------------------
+
+def _numbered_caches(layers: int = 2) -> dict[str, torch.Tensor]:
+    return {f"layers.{i}": torch.arange(np.prod(SHAPE), dtype=torch.float32).reshape(SHAPE)
+            + 1e6 * i for i in range(layers)}
+
+
+def _mid_page_caches(layers: int = 2, offset: int = 100) -> dict[str, torch.Tensor]:
+    """KV tensors whose allocation starts mid-page (as malloc'd memory often does)."""
+    nbytes = int(np.prod(SHAPE)) * 4
+    caches = {}
+    for i in range(layers):
+        raw = np.zeros(nbytes + 3 * PAGE, np.uint8)
+        start = PAGE - raw.ctypes.data % PAGE + offset
+        t = torch.from_numpy(raw[start:start + nbytes]).view(torch.float32).reshape(SHAPE)
+        t.copy_(torch.arange(t.numel(), dtype=torch.float32).reshape(SHAPE) + 1e6 * i)
+        caches[f"layers.{i}"] = t
+    return caches
+
+
+async def _attach(shared: SharedKV, block_bytes: list[int]) -> PeerMemory:
+    server = FdServer(shared.fd)
+    await server.start()
+    try:
+        offer = shared.offer(server.name, server.issue_token())
+        peer = await asyncio.to_thread(PeerMemory.attach, offer, block_bytes, 5.0)
+        with pytest.raises(OSError):  # a token opens the memory once
+            await asyncio.to_thread(PeerMemory.attach, offer, block_bytes, 5.0)
+        return peer
+    finally:
+        await server.close()
+
+
+def test_shared_kv_keeps_tensors_and_peer_sees_owner_writes():
+    caches = _numbered_caches()
+    before = {name: (t, t.data_ptr(), t.clone()) for name, t in caches.items()}
+    regions, _ = regions_from_kv_caches(caches, NUM_BLOCKS)
+    shared = SharedKV.export(regions)
+    try:
+        for name, t in caches.items():  # same tensor, same address, same contents
+            tensor, ptr, contents = before[name]
+            assert t is tensor and t.data_ptr() == ptr and torch.equal(t, contents)
+        peer = asyncio.run(_attach(shared, [r.block_bytes for r in regions]))
+        w = shared.windows[1]
+        caches["layers.1"][w.first] = 7.0  # written by the owner after the peer mapped
+        local = {name: torch.zeros_like(t) for name, t in caches.items()}
+        local_regions, _ = regions_from_kv_caches(local, NUM_BLOCKS)
+        pairs, outside = peer.plan([Run(w.first, 0, w.count)], local_regions)
+        assert not outside
+        ParallelCopier(2).copy(pairs)
+        assert torch.equal(local["layers.1"][:w.count], caches["layers.1"][w.first:w.stop])
+        assert (local["layers.1"][0] == 7.0).all()
+        with pytest.raises(ValueError, match="read-only"):
+            pairs[0][1][0] = 1  # the peer's mapping cannot write the owner's KV
+        peer.close()
+    finally:
+        shared.close()
+
+
+def test_blocks_straddling_a_partial_page_are_not_shared():
+    caches = _mid_page_caches()
+    regions, _ = regions_from_kv_caches(caches, NUM_BLOCKS)
+    shared = SharedKV.export(regions)
+    try:
+        last = NUM_BLOCKS - 1
+        assert all(w.first == 1 and w.stop == last for w in shared.windows)
+        peer = asyncio.run(_attach(shared, [r.block_bytes for r in regions]))
+        local_regions, _ = regions_from_kv_caches(_numbered_caches(), NUM_BLOCKS)
+        pairs, outside = peer.plan([Run(0, 0, NUM_BLOCKS)], local_regions)
+        assert outside == [(0, Run(0, 0, 1)), (0, Run(last, last, 1)),
+                           (1, Run(0, 0, 1)), (1, Run(last, last, 1))]
+        assert [p[0].shape[0] for p in pairs] == [NUM_BLOCKS - 2] * 2
+        assert peer.plan([Run(1, 0, NUM_BLOCKS - 2)], local_regions)[1] == []
+        peer.close()
+    finally:
+        shared.close()
+
+
+def test_blocks_outside_the_shared_range_come_over_the_transport():
+    def worker_with(caches, producer):
+        worker = PDWorker(PDConnectorConfig(transport="loopback"), IDENTITY,
+                          is_producer=producer, is_consumer=not producer)
+        worker.register_kv_caches(caches, NUM_BLOCKS)
+        return worker
+
+    p_caches, d_caches = _mid_page_caches(), _numbered_caches()
+    for t in d_caches.values():
+        t.zero_()
+    prefill, decode_ = worker_with(p_caches, True), worker_with(d_caches, False)
+    try:
+        grant(prefill, "r1", [0, 1])
+        load(decode_, prefill, "d1", "r1", local=[4, 5], remote=[0, 1])  # 0: partial page
+        grant(prefill, "r2", [6, 7])
+        load(decode_, prefill, "d2", "r2", local=[8, 9], remote=[6, 7])
+        done = set()
+        while len(done) < 2:
+            _, recving, errors = wait_finished(decode_)
+            assert not errors
+            done |= recving
+        for p, d in zip(p_caches.values(), d_caches.values()):
+            assert torch.equal(d[[4, 5, 8, 9]], p[[0, 1, 6, 7]])
+        stats = decode_.get_stats().data
+        assert stats["num_pulls"] == 2 and stats["num_pulls_shm"] == 2  # block 0: mixed
+    finally:
+        prefill.shutdown()
+        decode_.shutdown()
+
+
+def test_failed_shm_copy_reports_blocks_and_frees_lease():
+    prefill, _ = make_worker(producer=True)
+    decode_, _ = make_worker(producer=False)
+
+    class BrokenCopy:  # injected fault: the copy dies half way
+        def __init__(self, pairs):
+            self.pairs = pairs
+
+        def finish(self):
+            np.copyto(*self.pairs[0])
+            raise MemoryError("injected copy failure")
+
+    try:
+        grant(prefill, "r1", [3, 4])
+        load(decode_, prefill, "warm", "none", local=[1], remote=[1])  # maps the peer
+        wait_finished(decode_)
+        decode_.receiver._copier.start = BrokenCopy
+        load(decode_, prefill, "d1", "r1", local=[6, 7], remote=[3, 4])
+        _, recving, errors = wait_finished(decode_)
+        assert recving == {"d1"} and errors == {6, 7}
+        assert wait_finished(prefill)[0] == {"r1"}  # unpinned and freed
+        assert prefill.leases.num_outstanding == 0
+    finally:
+        prefill.shutdown()
+        decode_.shutdown()
+
+
+@pytest.mark.parametrize("shm", ["auto", "off"])
+def test_pull_between_two_processes(shm):
+    """The prefill worker in another process, over ucxx; shm 'auto' maps its memory."""
+    prefill = RemotePrefill(shm=shm)
+    decode_ = PDWorker(PDConnectorConfig(transport="ucx", shm=shm), IDENTITY,
+                       is_producer=False, is_consumer=True)
+    caches = {f"layers.{i}": torch.zeros(SHAPE) for i in range(2)}
+    decode_.register_kv_caches(caches, NUM_BLOCKS)
+
+    def pull(req: str, local: list[int], remote: list[int]) -> None:
+        prefill.call("grant", (req, remote))
+        spec = LoadSpec(req, tuple(local), req, tuple(remote), "127.0.0.1", prefill.port)
+        decode_.start_load_kv(PDConnectorMetadata(loads=[spec]))
+        assert wait_finished(decode_) == (set(), {req}, set())
+
+    try:
+        pull("r1", [5, 6, 7], [2, 3, 4])
+        prefill.call("write", (9, -1.0))  # after the decode side mapped the memory
+        pull("r2", [8], [9])
+        for i, t in enumerate(caches.values()):
+            for local, remote in ((5, 2), (6, 3), (7, 4)):
+                assert torch.equal(t[local], expected_block(i, remote))
+            assert (t[8] == -1.0).all() and not t[[0, 1, 2, 3, 4, 9]].any()
+        stats = decode_.get_stats().data
+        assert stats["num_pulls"] == 2
+        assert stats["num_pulls_shm"] == (2 if shm == "auto" else 0)
+        assert wait_until_sent(prefill, 2)
+    finally:
+        decode_.shutdown()
+        prefill.stop()
+
+
+def wait_until_sent(prefill: RemotePrefill, num_sends: int, timeout: float = 10) -> bool:
+    deadline, sent = time.monotonic() + timeout, 0
+    while time.monotonic() < deadline:
+        data = prefill.call("stats")  # counts since the last call
+        sent += data.get("num_sends", 0) - data.get("num_send_failures", 0)
+        if sent >= num_sends:
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,389 @@
+"""Same-host data path: the prefill's KV memory mapped into the decode process.
+
+The host-memory analogue of UCX's cuda_ipc. On one host UCX moves data with CMA (the
+kernel pins and copies page by page, about half a memcpy here); instead the decode
+side maps the prefill's KV memory once and copies blocks out of it with numpy.
+
+- Prefill (`SharedKV.export`, at `register_kv_caches`, before any forward pass): each
+  distinct host allocation behind the KV regions is moved in place into one memfd: its
+  page-aligned interior is copied into the file, then the file is mapped over exactly
+  that range with MAP_FIXED, which replaces the anonymous pages at the same address.
+  vLLM's tensors keep their identity, address and contents. The file is sealed against
+  shrinking and growing, so a peer's mapping can never fault (SIGBUS). Blocks that
+  straddle the allocation's partial first or last page lie outside the `Window` of
+  their region; `split_by_windows` cuts a pull into the pieces the peer copies and the
+  pieces (at most those two blocks) the prefill sends over UCX in the same pull.
+- Handshake (handshake.py): shm is offered only after the peer authenticated, and only
+  to a peer on the same host (`host_identity`); the offer names an abstract Unix socket
+  and a one-time token. `FdServer` passes the memfd with SCM_RIGHTS to a same-uid peer
+  that presents the token, once.
+- Decode (`PeerMemory.attach`): receives the fd, checks its size and seals, maps it
+  read-only with MAP_POPULATE (no page faults during pulls), keeps it for the session.
+  `ParallelCopier` copies a pull's (local view, peer view) pairs, splitting large
+  copies over a few threads (numpy releases the GIL while it copies).
+
+Whoever holds the mapping can read the whole KV cache, not only leased blocks, as with
+cuda_ipc; that is why the fd goes only to authenticated, same-uid peers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import ctypes
+import fcntl
+import mmap
+import os
+import secrets
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+from .memory import KVRegion, Run
+
+PAGE = mmap.PAGESIZE
+_MAP_FIXED = 0x10  # Linux; the mmap module does not export it
+_SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+_SPLIT_MIN_BYTES = 2 << 20  # below this one thread copies (a thread hop costs more)
+_TOKEN_TTL_S = 30.0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mmap.restype = ctypes.c_void_p
+_libc.mmap.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                       ctypes.c_int, ctypes.c_long)
+
+
+def host_identity() -> str:
+    """Equal for two processes on the same booted host (and hostname); '' if unknown."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+    except OSError:
+        return ""
+    return f"{boot}/{socket.gethostname()}"
+
+
+@dataclass(frozen=True, slots=True)
+class Window:
+    """Blocks [first, first + count) of one region lie in the shared file at `offset`."""
+
+    offset: int
+    first: int
+    count: int
+
+    @property
+    def stop(self) -> int:
+        return self.first + self.count
+
+    def split(self, run: Run) -> tuple[Run | None, list[Run]]:
+        """(the part of `run` inside the window, the parts outside it), by source id."""
+        end = run.src + run.length
+        lo, hi = max(run.src, self.first), min(end, self.stop)
+        if hi <= lo:
+            return None, [run]
+        outside = []
+        if lo > run.src:
+            outside.append(Run(run.src, run.dst, lo - run.src))
+        if hi < end:
+            outside.append(Run(hi, run.dst + hi - run.src, end - hi))
+        return Run(lo, run.dst + lo - run.src, hi - lo), outside
+
+
+def split_by_windows(windows: Sequence[Window], runs: Sequence[Run],
+                     ) -> tuple[list[tuple[int, Run]], list[tuple[int, Run]]]:
+    """(region index, run) pieces inside the shared windows and outside them, in region
+    then run order. Both sides compute it, so the outside pieces' order numbers the
+    UCX messages."""
+    inside, outside = [], []
+    for index, window in enumerate(windows):
+        for run in runs:
+            part, rest = window.split(run)
+            if part is not None:
+                inside.append((index, part))
+            outside.extend((index, r) for r in rest)
+    return inside, outside
+
+
+# ---- prefill side ----------------------------------------------------------------------
+
+def _map_over(addr: int, length: int, fd: int, offset: int) -> None:
+    prot = mmap.PROT_READ | mmap.PROT_WRITE
+    got = _libc.mmap(addr, length, prot, mmap.MAP_SHARED | _MAP_FIXED, fd, offset)
+    if got != addr:
+        err = ctypes.get_errno()
+        raise OSError(err, f"mmap over KV memory failed: {os.strerror(err)}")
+
+
+def _write_all(fd: int, addr: int, length: int, offset: int) -> None:
+    view = memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
+    done = 0
+    while done < length:
+        done += os.pwrite(fd, view[done:], offset + done)
+
+
+def _window(region: KVRegion, pieces: list[tuple[int, int, int]]) -> Window:
+    base, size, n = region.blocks.data_ptr(), region.block_bytes, region.num_blocks
+    for addr, length, offset in pieces:
+        if addr + length <= base or base + n * size <= addr:
+            continue
+        first = max(0, -(-(addr - base) // size))
+        end = min(n, (addr + length - base) // size)
+        if end > first:
+            return Window(offset + base + first * size - addr, first, end - first)
+    return Window(0, 0, 0)
+
+
+class SharedKV:
+    """Prefill side: the KV regions' host memory, moved in place into one sealed memfd."""
+
+    def __init__(self, fd: int, size: int, windows: list[Window]):
+        self.fd = fd
+        self.size = size
+        self.windows = windows
+
+    @classmethod
+    def export(cls, regions: Sequence[KVRegion]) -> "SharedKV | None":
+        """Share the regions' memory; None when it is not host memory. Must run before
+        anything else touches the KV tensors (no forward pass concurrently)."""
+        spans: dict[int, int] = {}
+        for region in regions:
+            span = region.host_storage_span()
+            if span is None:
+                return None
+            spans.setdefault(*span)
+        pieces, size = [], 0  # (address, length, file offset): page-aligned interiors
+        for addr, nbytes in sorted(spans.items()):
+            lo, hi = -(-addr // PAGE) * PAGE, (addr + nbytes) // PAGE * PAGE
+            if hi > lo:
+                pieces.append((lo, hi - lo, size))
+                size += hi - lo
+        if not pieces:
+            return None
+        fd = os.memfd_create("pdserve-kv", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            os.ftruncate(fd, size)
+            for addr, length, offset in pieces:
+                _write_all(fd, addr, length, offset)
+                _map_over(addr, length, fd, offset)
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+        except BaseException:
+            os.close(fd)
+            raise
+        return cls(fd, size, [_window(r, pieces) for r in regions])
+
+    def offer(self, socket_name: str, token: str) -> dict[str, Any]:
+        """What the handshake tells an eligible peer (covered by the handshake's MAC)."""
+        return {"socket": socket_name, "token": token, "size": self.size,
+                "windows": [[w.offset, w.first, w.count] for w in self.windows]}
+
+    def close(self) -> None:
+        """Drop our fd; the mapping under vLLM's tensors stays valid."""
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+class FdServer:
+    """Passes the memfd over an abstract Unix socket to a same-uid peer holding a token.
+
+    Tokens are issued by the handshake after authentication, are single-use, and expire.
+    """
+
+    def __init__(self, fd: int):
+        self._fd = fd
+        self._tokens: dict[str, float] = {}
+        self._sock: socket.socket | None = None
+        self._tasks: set[asyncio.Task] = set()
+        self.name = f"pdserve-kv-{os.getpid()}-{secrets.token_hex(8)}"
+
+    async def start(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
+        sock.bind("\0" + self.name)  # abstract namespace: no file, local by nature
+        sock.listen(16)
+        sock.setblocking(False)
+        self._sock = sock
+        self._spawn(self._accept_loop())
+
+    def issue_token(self) -> str:
+        now = time.monotonic()
+        self._tokens = {t: exp for t, exp in self._tokens.items() if exp > now}
+        token = secrets.token_hex(16)
+        self._tokens[token] = now + _TOKEN_TTL_S
+        return token
+
+    def _spawn(self, coro) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _accept_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            conn, _ = await loop.sock_accept(self._sock)
+            self._spawn(self._serve(conn))
+
+    async def _serve(self, conn: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        with conn:
+            try:
+                token = await asyncio.wait_for(loop.sock_recv(conn, 64), 5.0)
+            except (asyncio.TimeoutError, OSError):
+                return
+            expiry = self._tokens.pop(token.decode(errors="replace"), 0.0)
+            _, uid, _ = struct.unpack(
+                "3i", conn.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12))
+            if expiry < time.monotonic() or uid != os.getuid():
+                return
+            socket.send_fds(conn, [b"kv"], [self._fd])
+
+    async def close(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+
+# ---- decode side -----------------------------------------------------------------------
+
+def _receive_fd(name: str, token: str, timeout: float) -> int:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC) as s:
+        s.settimeout(timeout)
+        s.connect("\0" + name)
+        s.sendall(token.encode())
+        _, fds, _, _ = socket.recv_fds(s, 16, 4)
+    if len(fds) != 1:
+        for fd in fds:
+            os.close(fd)
+        raise OSError("peer did not pass its KV memory")
+    return fds[0]
+
+
+class PeerMemory:
+    """Decode side: a peer's KV memory, mapped read-only for the session."""
+
+    def __init__(self, mapping: mmap.mmap, windows: list[Window], block_bytes: Sequence[int]):
+        self._map = mapping
+        self.windows = windows
+        self._views = [
+            np.frombuffer(mapping, np.uint8, w.count * size, w.offset).reshape(w.count, size)
+            for w, size in zip(windows, block_bytes)
+        ]
+
+    @classmethod
+    def attach(cls, offer: dict[str, Any], block_bytes: Sequence[int],
+               timeout: float) -> "PeerMemory":
+        """Fetch and map the peer's memory (blocking: run it off the event loop)."""
+        size = int(offer["size"])
+        windows = [Window(*map(int, w)) for w in offer["windows"]]
+        if len(windows) != len(block_bytes):
+            raise OSError(f"peer shares {len(windows)} regions, we have {len(block_bytes)}")
+        for w, b in zip(windows, block_bytes):
+            if min(w.offset, w.first, w.count) < 0 or w.offset + w.count * b > size:
+                raise OSError(f"peer window {w} outside its {size}-byte file")
+        fd = _receive_fd(str(offer["socket"]), str(offer["token"]), timeout)
+        try:
+            if os.fstat(fd).st_size != size:
+                raise OSError("peer KV file size differs from its offer")
+            seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
+            if seals & fcntl.F_SEAL_SHRINK == 0:
+                raise OSError("peer KV file may shrink under us (not sealed)")
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
+                                prot=mmap.PROT_READ)
+        finally:
+            os.close(fd)
+        return cls(mapping, windows, block_bytes)
+
+    def plan(self, runs: Sequence[Run], regions: Sequence[KVRegion],
+             ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[int, Run]]] | None:
+        """(local view, peer view) pairs to copy, and the (region, run) pieces outside the
+        shared windows that the peer must send; None if local memory is not host memory
+        (the whole pull goes over UCX then)."""
+        if any(region.host_storage_span() is None for region in regions):
+            return None
+        inside, outside = split_by_windows(self.windows, runs)
+        pairs = []
+        for index, r in inside:
+            start = r.src - self.windows[index].first
+            pairs.append((regions[index].view(r.dst, r.length),
+                          self._views[index][start:start + r.length]))
+        return pairs, outside
+
+    def close(self) -> None:
+        self._views = []
+        try:
+            self._map.close()
+        except BufferError:
+            pass  # a view is still referenced; the mapping goes with it
+
+
+class ParallelCopier:
+    """Copies (dst, src) pairs. A large copy is split over up to `num_threads` threads,
+    the calling thread taking one share, so a one-core process never hops threads."""
+
+    def __init__(self, num_threads: int | None = None):
+        self.num_threads = num_threads or min(4, len(os.sched_getaffinity(0)))
+        self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+    def start(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> "CopyJob":
+        """Hand all shares but the caller's to the pool; `finish()` does the rest."""
+        total = sum(dst.nbytes for dst, _ in pairs)
+        if self.num_threads == 1 or total < _SPLIT_MIN_BYTES:
+            return CopyJob(pairs, [])
+        if self._pool is None:
+            self._pool = concurrent.futures.ThreadPoolExecutor(
+                self.num_threads - 1, thread_name_prefix="kvtransfer-copy")
+        shares = _split(pairs, self.num_threads, total)
+        return CopyJob(shares[0], [self._pool.submit(_copy_all, s) for s in shares[1:]])
+
+    def copy(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+        self.start(pairs).finish()
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+
+
+class CopyJob:
+    def __init__(self, mine: Sequence[tuple[np.ndarray, np.ndarray]],
+                 futures: list[concurrent.futures.Future]):
+        self._mine = mine
+        self._futures = futures
+
+    def finish(self) -> None:
+        """Copy the caller's share, wait for the pool's. Returns only when no thread
+        writes any more (also when a share raised, which is then re-raised)."""
+        try:
+            _copy_all(self._mine)
+        finally:
+            concurrent.futures.wait(self._futures)
+        for fut in self._futures:
+            fut.result()
+
+
+def _copy_all(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+    for dst, src in pairs:
+        np.copyto(dst, src)
+
+
+def _split(pairs, n: int, total: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
+    """Cut the byte stream of all pairs into n shares of about equal size."""
+    quota = -(-total // n // PAGE) * PAGE
+    shares: list[list] = [[]]
+    room = quota
+    for dst, src in pairs:
+        dst, src = dst.reshape(-1), src.reshape(-1)
+        at = 0
+        while at < dst.nbytes:
+            if room == 0:
+                shares.append([])
+                room = quota
+            take = min(room, dst.nbytes - at)
+            shares[-1].append((dst[at:at + take], src[at:at + take]))
+            at += take
+            room -= take
+    return shares
