@@ -46,3 +46,13 @@ def test_unknown_engine_kwarg_is_a_clear_error():
 def test_api_key_from_environment(monkeypatch):
     monkeypatch.setenv("PDSERVE_API_KEY", "s3cret")
     assert AppConfig.model_validate({"aggregated": {}}).resolved_api_key() == "s3cret"
+
+
+def test_shipped_prefix_aware_config_validates():
+    from kvtransfer.config import PDConnectorConfig
+
+    config, _ = app_config_from_file(REPO / "configs/cpu-pd-prefix.yaml")
+    assert config.router.policy == "prefix_aware"
+    assert (config.prefill.num_replicas, config.decode.num_replicas) == (1, 2)
+    for pool in (config.prefill, config.decode):
+        assert PDConnectorConfig.from_extra_config(pool.kv_connector).tiers is not None
