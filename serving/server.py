@@ -11,6 +11,7 @@ import threading
 import time
 
 from serving.config import app_config_from_file
+from serving.loopback import LOOPBACK, loopback_env
 
 logger = logging.getLogger("pdserve")
 
@@ -29,6 +30,13 @@ def serve_foreground(config_path: str, host: str | None = None,
     host = host or http.host
     port = http.port if port is None else port
 
+    node_ip = os.environ.get("PDSERVE_NODE_IP", LOOPBACK)
+    runtime_env = {}
+    if node_ip == LOOPBACK:  # before Ray is imported; every process it starts inherits it
+        for key, value in loopback_env().items():
+            os.environ.setdefault(key, value)
+        runtime_env["worker_process_setup_hook"] = "serving.loopback.worker_setup"
+
     import ray
     from ray import serve
 
@@ -36,7 +44,7 @@ def serve_foreground(config_path: str, host: str | None = None,
 
     started = time.monotonic()
     # A cluster of our own, every listener on the loopback interface unless asked.
-    ray.init(address="local", _node_ip_address=os.environ.get("PDSERVE_NODE_IP", "127.0.0.1"),
+    ray.init(address="local", _node_ip_address=node_ip, runtime_env=runtime_env,
              include_dashboard=False, logging_level=logging.WARNING,
              log_to_driver=os.environ.get("PDSERVE_ENGINE_LOGS", "1") == "1")
     stop = threading.Event()

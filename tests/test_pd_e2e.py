@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import threading
 import time
 
@@ -93,6 +94,21 @@ def test_short_prompt_is_prefilled_locally(pd_server, reference):
     assert reply["choices"][0]["token_ids"] == reference[-1]["token_ids"]
     assert metric(pd_server, "pdserve_router_decisions_total", decision="local",
                   reason="local_short") == before + 1
+
+
+def test_every_listener_is_on_loopback(pd_server):
+    """HTTP, Ray (GCS, raylet, workers, agents), Serve replicas, vLLM, UCX and the KV
+    handshake: nothing in the server's process tree listens beyond 127.0.0.1."""
+    complete(pd_server, REQUESTS[1])  # transports and handshakes are up
+    root = psutil.Process(pd_server.proc.pid)
+    tree = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    listeners = [(c.laddr.ip, c.laddr.port, tree[c.pid].name())
+                 for c in psutil.net_connections(kind="inet")
+                 if c.pid in tree and (c.status == psutil.CONN_LISTEN
+                                       or (c.type == socket.SOCK_DGRAM and not c.raddr))]
+    assert len(listeners) > 10
+    outside = [entry for entry in listeners if entry[0] not in ("127.0.0.1", "::ffff:127.0.0.1")]
+    assert not outside, outside
 
 
 def test_killing_prefill_mid_run_loses_no_request(pd_server, reference):
