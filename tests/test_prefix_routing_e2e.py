@@ -17,7 +17,7 @@ from transformers import AutoTokenizer
 from serving.config import app_config_from_file
 from serving.model import resolve_model
 from tests.helpers.offline import reference_outputs
-from tests.helpers.servers import REPO, running_server
+from tests.helpers.servers import REPO, ServerProcess
 from tests.test_serving_e2e import long_prompt
 
 pytestmark = pytest.mark.e2e
@@ -35,17 +35,19 @@ AGAIN = [{"prompt": DOC + " Another ending", "max_tokens": 8},
 
 
 @pytest.fixture(scope="module")
-def server():
-    with running_server(CONFIG) as server:
-        _wait_for(lambda: len(_per_replica(server, "pdserve_replica_tier_blocks")) == 3)
-        yield server
-
-
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
+def started(tmp_path_factory):
+    """The server, and the reference outputs computed while its engines start."""
     config, _ = app_config_from_file(REPO / CONFIG)
-    return reference_outputs(resolve_model(config.model), config.decode.engine_kwargs,
-                             FIRST + AGAIN, tmp_path_factory.mktemp("prefix-offline"))
+    server = ServerProcess(CONFIG)
+    try:
+        reference = reference_outputs(resolve_model(config.model),
+                                      config.decode.engine_kwargs, FIRST + AGAIN,
+                                      tmp_path_factory.mktemp("prefix-offline"))
+        server.wait_ready()
+        _wait_for(lambda: len(_per_replica(server, "pdserve_replica_tier_blocks")) == 3)
+        yield server, reference
+    finally:
+        server.stop()
 
 
 def send(server, req) -> dict:
@@ -61,7 +63,8 @@ def send(server, req) -> dict:
     return choice.get("text") if "text" in choice else choice["message"]["content"]
 
 
-def test_prefix_goes_to_the_replica_holding_it(server, reference):
+def test_prefix_goes_to_the_replica_holding_it(started):
+    server, reference = started
     tokenizer = AutoTokenizer.from_pretrained(resolve_model("pdserve:tiny"))
     holders = []
     for req, expected in zip(FIRST, reference):
