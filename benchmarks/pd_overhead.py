@@ -229,9 +229,14 @@ def start_server(config_path: str, log_path: Path) -> tuple[ManagedServer, float
 
 
 def measure(pd_config: str, agg_config: str, model: str, prompts: list[str],
-            output_tokens: int, logs: Path) -> tuple[ServerRun, ServerRun]:
+            output_tokens: int, logs: Path, gap_s: float) -> tuple[ServerRun, ServerRun]:
     """Start P/D, then aggregated (each alone, for its ready time); then alternate one
-    request to each, so both see the same machine load; the first pair warms up."""
+    request to each, so both see the same machine load; the first pair warms up.
+
+    `gap_s` between requests lets the engine that just ran go idle: vLLM's engine and
+    worker processes busy-poll their message queue for 1 s after each message
+    (`shm_broadcast`'s busy loop), and the aggregated engine shares its core with the
+    prefill engine."""
     pd_server, pd_ready = start_server(pd_config, logs / "pd.log")
     try:
         agg_server, agg_ready = start_server(agg_config, logs / "aggregated.log")
@@ -241,6 +246,7 @@ def measure(pd_config: str, agg_config: str, model: str, prompts: list[str],
                        (agg, Client(agg_server.base_url, model, output_tokens, False))]
             for i, prompt in enumerate(prompts):
                 for run, client in clients:
+                    time.sleep(gap_s)
                     sample = client.request(prompt)
                     if i:
                         run.samples.append(sample)
@@ -317,6 +323,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=1000)
     parser.add_argument("--output-tokens", type=int, default=64)
     parser.add_argument("--num-requests", type=int, default=20)
+    parser.add_argument("--gap-s", type=float, default=1.5,
+                        help="pause before each request (lets the other engine go idle)")
     parser.add_argument("--log-dir", default=None, help="server logs (default: a temp dir)")
     args = parser.parse_args(argv)
 
@@ -327,7 +335,7 @@ def main(argv: list[str] | None = None) -> None:
         logs = Path(args.log_dir or tmp)
         agg_config = pinned_config(args.aggregated_config, args.aggregated_cores, tmp)
         pd, agg = measure(args.pd_config, agg_config, config.model_name, prompts,
-                          args.output_tokens, logs)
+                          args.output_tokens, logs, args.gap_s)
     print(report(pd, agg, args.prompt_tokens, args.output_tokens))
 
 
