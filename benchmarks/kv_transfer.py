@@ -5,8 +5,10 @@
 For each size, a prefill-side worker (kvtransfer's PDWorker, producer) holds a lease on
 that many MiB of KV blocks shaped like the engine's paged cache (the model's layers,
 KV heads, head size, block size 32, the CPU layout), and a decode-side worker in
-another process pulls them (control round trip + UCX data) into its own blocks. The
-same run measures a numpy copy of the same number of bytes between two warm buffers.
+another process pulls them into its own blocks: control round trip plus data, over
+the same-host shm path (the prefill's KV memory mapped into the decode process) unless
+`--shm off` selects UCX. The same run measures a numpy copy of the same number of
+bytes between two warm buffers.
 
 Then, for a 2,000-token prompt on the model, it measures the prefill time of a vLLM
 engine and the pull time of that prompt's blocks, and prints their ratio.
@@ -51,27 +53,30 @@ def geometry_of(model_dir: str) -> Geometry:
                     cfg.get("head_dim") or cfg["hidden_size"] // heads)
 
 
-def _make_worker(geo: Geometry, num_blocks: int, producer: bool):
+def _make_worker(geo: Geometry, num_blocks: int, producer: bool, shm: str):
     import torch
 
     from kvtransfer.config import PDConnectorConfig
     from kvtransfer.worker import ModelIdentity, PDWorker
 
-    worker = PDWorker(PDConnectorConfig(transport="ucx"),
+    worker = PDWorker(PDConnectorConfig(transport="ucx", shm=shm),
                       ModelIdentity("bench", BLOCK_SIZE, geo.num_kv_heads, geo.head_size),
                       is_producer=producer, is_consumer=not producer)
+    # Like vLLM 0.32's allocate_kv_cache: one backing allocation, a view per layer.
     shape = (num_blocks, geo.num_kv_heads, BLOCK_SIZE, 2 * geo.head_size)
-    fill = 1.0 if producer else 0.0
-    caches = {f"layers.{i}": torch.full(shape, fill, dtype=torch.float32)
+    per_layer = num_blocks * geo.num_kv_heads * BLOCK_SIZE * 2 * geo.head_size
+    backing = torch.full((geo.num_layers * per_layer,), 1.0 if producer else 0.0,
+                         dtype=torch.float32)
+    caches = {f"layers.{i}": backing[i * per_layer:(i + 1) * per_layer].view(shape)
               for i in range(geo.num_layers)}
     worker.register_kv_caches(caches, num_blocks)
     return worker, caches
 
 
-def _prefill_side(conn, geo: Geometry, num_blocks: int) -> None:
+def _prefill_side(conn, geo: Geometry, num_blocks: int, shm: str) -> None:
     from kvtransfer.metadata import LeaseGrant, PDConnectorMetadata
 
-    worker, _ = _make_worker(geo, num_blocks, producer=True)
+    worker, _ = _make_worker(geo, num_blocks, producer=True, shm=shm)
     conn.send(worker.handshake_metadata().port)
     while (msg := conn.recv()) is not None:
         lease_id, blocks = msg
@@ -80,7 +85,8 @@ def _prefill_side(conn, geo: Geometry, num_blocks: int) -> None:
     worker.shutdown()
 
 
-def pull_seconds(worker, port: int, prefill, lease_id: str, blocks: list[int]) -> float:
+def pull_seconds(worker, port: int, prefill, lease_id: str, blocks: list[int],
+                 modes: set[str]) -> float:
     from kvtransfer.metadata import LoadSpec
 
     prefill.send((lease_id, blocks))
@@ -91,6 +97,7 @@ def pull_seconds(worker, port: int, prefill, lease_id: str, blocks: list[int]) -
     elapsed = time.perf_counter() - t0
     if not result.ok:
         raise RuntimeError(f"pull failed: {result.reason}")
+    modes.add(result.mode)
     return elapsed
 
 
@@ -105,26 +112,31 @@ def memcpy_seconds(nbytes: int, reps: int) -> float:
     return statistics.median(times[1:])
 
 
-def bench_pulls(geo: Geometry, block_counts: list[int], reps: int) -> dict[int, tuple[float, float]]:
-    """blocks -> (median pull seconds, median memcpy seconds of the same bytes)."""
+def bench_pulls(geo: Geometry, block_counts: list[int], reps: int, shm: str,
+                ) -> tuple[dict[int, tuple[float, float]], str]:
+    """blocks -> (median pull seconds, median memcpy seconds of the same bytes), and
+    which path the pulls took (with the decode side's copy threads)."""
     max_blocks = max(block_counts)
     ctx = mp.get_context("spawn")
     parent, child = ctx.Pipe()
-    proc = ctx.Process(target=_prefill_side, args=(child, geo, max_blocks + 1))
+    # Block 0 is vLLM's null block; requests get blocks 1, 2, ... of a fresh engine.
+    pool = max_blocks + 2
+    proc = ctx.Process(target=_prefill_side, args=(child, geo, pool, shm))
     proc.start()
     try:
         port = parent.recv()
-        worker, caches = _make_worker(geo, max_blocks + 1, producer=False)
-        out = {}
+        worker, caches = _make_worker(geo, pool, producer=False, shm=shm)
+        out, modes = {}, set()
         for nblocks in block_counts:
             blocks = list(range(1, nblocks + 1))
-            times = [pull_seconds(worker, port, parent, f"{nblocks}-{i}", blocks)
+            times = [pull_seconds(worker, port, parent, f"{nblocks}-{i}", blocks, modes)
                      for i in range(reps + 1)][1:]  # the very first pull also handshakes
             assert all(bool((c[1:nblocks + 1] == 1).all()) for c in caches.values())
             out[nblocks] = (statistics.median(times),
                             memcpy_seconds(nblocks * geo.block_bytes, reps))
+        threads = worker.receiver._copier.num_threads
         worker.shutdown()
-        return out
+        return out, f"{'+'.join(sorted(modes))} (decode copy threads: {threads})"
     finally:
         parent.send(None)
         proc.join(30)
@@ -157,6 +169,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--prompt-tokens", type=int, default=2000)
     parser.add_argument("--reps", type=int, default=7)
     parser.add_argument("--skip-prefill", action="store_true")
+    parser.add_argument("--shm", choices=["auto", "off"], default="auto",
+                        help="same-host shm path (auto) or UCX only (off)")
     args = parser.parse_args(argv)
 
     from serving.model import resolve_model
@@ -169,7 +183,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{geo.block_bytes // 1024} KiB per block (all layers)")
     counts = {mib: -(-mib * MIB // geo.block_bytes) for mib in args.sizes_mib}
     nblocks = -(-args.prompt_tokens // BLOCK_SIZE)
-    timed = bench_pulls(geo, sorted(set(counts.values()) | {nblocks}), args.reps)
+    timed, path = bench_pulls(geo, sorted(set(counts.values()) | {nblocks}), args.reps, args.shm)
+    print(f"pull path: {path}")
     print(f"{'MiB':>6} {'blocks':>6} {'pull GB/s':>10} {'memcpy GB/s':>12} {'ratio':>6}")
     ratios = {}
     for mib, n in counts.items():

@@ -135,6 +135,9 @@ class KVReceiver:
 
     async def _session(self, host: str, port: int) -> _Session:
         key = (host, int(port))
+        session = self._sessions.get(key)
+        if session is not None and not session.closed:
+            return session
         lock = self._connecting.setdefault(key, asyncio.Lock())
         async with lock:
             session = self._sessions.get(key)
@@ -227,14 +230,12 @@ class KVReceiver:
         session.replies[xfer_id], session.aborts[xfer_id] = reply_fut, abort_fut
         try:
             result.state = PullState.REQUESTED
-            copy = self._copier.start(pairs)  # pool threads start copying now
-            try:
-                await session.send(PullRequest(
-                    xfer_id, load.remote_request_id, [[r.src, r.length] for r in runs],
-                    xfer_id << 32, result.mode))
-                marks["sent"] = loop.time()
-            finally:
-                copy.finish()  # our share, while the request and its reply travel
+            await session.send(PullRequest(
+                xfer_id, load.remote_request_id, [[r.src, r.length] for r in runs],
+                xfer_id << 32, result.mode))
+            marks["sent"] = loop.time()
+            # The copy overlaps the request's round trip; it counts only if the reply is ok.
+            self._copier.copy(pairs)
             marks["copied"] = loop.time()
             reply: PullReply = await reply_fut
             marks["reply"] = loop.time()

@@ -39,7 +39,7 @@ import socket
 import struct
 import time
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -49,6 +49,7 @@ PAGE = mmap.PAGESIZE
 _MAP_FIXED = 0x10  # Linux; the mmap module does not export it
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _SPLIT_MIN_BYTES = 2 << 20  # below this one thread copies (a thread hop costs more)
+_CHUNK_BYTES = 4 << 20  # unit of work the copy threads take in turn
 _TOKEN_TTL_S = 30.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -322,23 +323,25 @@ class PeerMemory:
 
 
 class ParallelCopier:
-    """Copies (dst, src) pairs. A large copy is split over up to `num_threads` threads,
-    the calling thread taking one share, so a one-core process never hops threads."""
+    """Copies (dst, src) pairs. A large copy is cut into chunks that up to `num_threads`
+    threads take in turn, the calling thread among them: a one-core process never hops
+    threads, and a helper that starts late (a busy host) just takes fewer chunks."""
 
     def __init__(self, num_threads: int | None = None):
         self.num_threads = num_threads or min(4, len(os.sched_getaffinity(0)))
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def start(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> "CopyJob":
-        """Hand all shares but the caller's to the pool; `finish()` does the rest."""
+        """Let the helper threads start on the chunks; `finish()` joins in and waits."""
         total = sum(dst.nbytes for dst, _ in pairs)
         if self.num_threads == 1 or total < _SPLIT_MIN_BYTES:
-            return CopyJob(pairs, [])
+            return CopyJob(iter(pairs), [])
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 self.num_threads - 1, thread_name_prefix="kvtransfer-copy")
-        shares = _split(pairs, self.num_threads, total)
-        return CopyJob(shares[0], [self._pool.submit(_copy_all, s) for s in shares[1:]])
+        chunks = iter(_chunks(pairs, _CHUNK_BYTES))  # next() is atomic under the GIL
+        helpers = [self._pool.submit(_copy_all, chunks) for _ in range(self.num_threads - 1)]
+        return CopyJob(chunks, helpers)
 
     def copy(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
         self.start(pairs).finish()
@@ -349,41 +352,31 @@ class ParallelCopier:
 
 
 class CopyJob:
-    def __init__(self, mine: Sequence[tuple[np.ndarray, np.ndarray]],
+    def __init__(self, chunks: Iterator[tuple[np.ndarray, np.ndarray]],
                  futures: list[concurrent.futures.Future]):
-        self._mine = mine
+        self._chunks = chunks
         self._futures = futures
 
     def finish(self) -> None:
-        """Copy the caller's share, wait for the pool's. Returns only when no thread
-        writes any more (also when a share raised, which is then re-raised)."""
+        """Copy chunks until none is left, wait for the helpers. Returns only when no
+        thread writes any more (also when one raised, which is then re-raised)."""
         try:
-            _copy_all(self._mine)
+            _copy_all(self._chunks)
         finally:
             concurrent.futures.wait(self._futures)
         for fut in self._futures:
             fut.result()
 
 
-def _copy_all(pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
+def _copy_all(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
     for dst, src in pairs:
         np.copyto(dst, src)
 
 
-def _split(pairs, n: int, total: int) -> list[list[tuple[np.ndarray, np.ndarray]]]:
-    """Cut the byte stream of all pairs into n shares of about equal size."""
-    quota = -(-total // n // PAGE) * PAGE
-    shares: list[list] = [[]]
-    room = quota
+def _chunks(pairs, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The pairs as flat byte views of at most `size` bytes each."""
+    out = []
     for dst, src in pairs:
         dst, src = dst.reshape(-1), src.reshape(-1)
-        at = 0
-        while at < dst.nbytes:
-            if room == 0:
-                shares.append([])
-                room = quota
-            take = min(room, dst.nbytes - at)
-            shares[-1].append((dst[at:at + take], src[at:at + take]))
-            at += take
-            room -= take
-    return shares
+        out.extend((dst[at:at + size], src[at:at + size]) for at in range(0, dst.nbytes, size))
+    return out

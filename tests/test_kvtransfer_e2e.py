@@ -3,6 +3,9 @@
 The decode engine doubles as the aggregated reference: a request without
 kv_transfer_params is prefilled and decoded there as in any single engine (prefix
 caching is off, so the reference run leaves nothing behind for the P/D run to hit).
+
+Both engines run on this host, so pulls take the same-host shm path by default; a
+third engine with `shm: off` keeps the UCX path tested against the same prefill.
 """
 
 from __future__ import annotations
@@ -33,6 +36,16 @@ def engines():
         yield prefill, decode
     finally:
         prefill.stop()
+        decode.stop()
+
+
+@pytest.fixture(scope="module")
+def ucx_decode(engines):
+    decode = EngineProcess(engine_kwargs(
+        resolve_model("pdserve:tiny"), "kv_consumer", {"transfer_timeout_s": 5, "shm": "off"}))
+    try:
+        yield decode.wait_ready()
+    finally:
         decode.stop()
 
 
@@ -74,6 +87,7 @@ def test_pd_output_equals_aggregated(engines, num_tokens):
         "blocks_received": before.get("blocks_received", 0) + num_blocks,
         "external_hits": before.get("external_hits", 0) + num_tokens,
         "num_pull_failures": before.get("num_pull_failures", 0),
+        "num_pulls_shm": before.get("num_pulls_shm", 0) + 1,  # the same-host path
     }
     assert wait_until(lambda: {k: connector(decode).get(k, 0) for k in want} == want, 10), (
         connector(decode))
@@ -90,6 +104,22 @@ def test_eight_concurrent_requests_and_leases_released(engines):
 
     assert [o.token_ids for o in outs] == expected
     assert connector(decode).get("num_pull_failures", 0) == before.get("num_pull_failures", 0)
+    assert wait_until(lambda: leases_settled(prefill), 10), prefill.stats()
+
+
+def test_pd_over_ucx_when_shm_is_off(engines, ucx_decode):
+    prefill, _ = engines
+    prompt = make_prompt(600, seed=600)
+    expected = ucx_decode.generate([prompt], MAX_TOKENS)[0].token_ids
+    before = connector(ucx_decode)
+
+    (out,) = prefill_then_decode(prefill, ucx_decode, [prompt])
+
+    assert out.token_ids == expected
+    want = {"blocks_received": before.get("blocks_received", 0) + -(-600 // BLOCK),
+            "num_pulls": before.get("num_pulls", 0) + 1, "num_pulls_shm": 0}
+    assert wait_until(lambda: {k: connector(ucx_decode).get(k, 0) for k in want} == want, 10), (
+        connector(ucx_decode))
     assert wait_until(lambda: leases_settled(prefill), 10), prefill.stats()
 
 
