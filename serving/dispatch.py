@@ -74,7 +74,11 @@ class Dispatcher:
             reply = self.engines[Role.AGGREGATED].options(stream=True).generate.remote(
                 endpoint, body)
             return Dispatch(reply, "aggregated", "aggregated")
-        num_tokens, hashes = await self._prompt_blocks(endpoint, body)
+        token_ids = self._prompt_token_ids(endpoint, body)
+        num_tokens, hashes = await self._prompt_blocks(body, token_ids)
+        if token_ids is not None and _may_send_token_ids(endpoint, body):
+            # Tokenized here already: the prefill and decode replicas skip it.
+            body = {**body, "prompt": token_ids}
         block_size = self.hasher.spec.block_size if self.hasher is not None else 32
         started = time.perf_counter()
         try:
@@ -129,10 +133,10 @@ class Dispatcher:
             return None  # the decode replica will answer the same request (or error)
         return result
 
-    async def _prompt_blocks(self, endpoint: str, body: dict) -> tuple[int, tuple[bytes, ...]]:
+    async def _prompt_blocks(self, body: dict, token_ids: list[int] | None
+                             ) -> tuple[int, tuple[bytes, ...]]:
         """Prompt length for the policy (exact with a tokenizer, else estimated) and,
         for prefix_aware, the prompt's block hashes as the engines compute them."""
-        token_ids = self._prompt_token_ids(endpoint, body)
         if token_ids is None:
             return len(str(body.get("prompt") or body.get("messages") or "")) // 4, ()
         if not self.wants_hashes:
@@ -172,6 +176,17 @@ def _may_disaggregate(body: dict) -> bool:
             and not body.get("prompt_logprobs") and "kv_transfer_params" not in body
             and not (isinstance(body.get("prompt"), list) and len(body["prompt"]) > 1
                      and not isinstance(body["prompt"][0], int)))
+
+
+def _may_send_token_ids(endpoint: str, body: dict) -> bool:
+    """A completion whose text prompt the ingress tokenized exactly as the engine would,
+    and whose reply does not echo the prompt's text."""
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1:
+        prompt = prompt[0]
+    return (endpoint == "completions" and isinstance(prompt, str) and _may_disaggregate(body)
+            and body.get("add_special_tokens", True) is True
+            and body.get("truncate_prompt_tokens") is None)
 
 
 def _load_tokenizer(model: str) -> Any:
