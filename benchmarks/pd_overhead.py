@@ -163,8 +163,15 @@ def _wait_for_pull(client: httpx.Client, base_url: str,
         time.sleep(0.1)
 
 
-def tree_memory(root_pid: int) -> tuple[int, int, int]:
-    """(processes, RSS bytes, PSS bytes) of `root_pid` and all its descendants."""
+@dataclass(slots=True)
+class ProcessMemory:
+    name: str
+    rss: int
+    pss: int
+
+
+def tree_memory(root_pid: int) -> list[ProcessMemory]:
+    """RSS and PSS of `root_pid` and each of its descendants."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
@@ -180,18 +187,22 @@ def tree_memory(root_pid: int) -> tuple[int, int, int]:
         pid = todo.pop()
         pids.append(pid)
         todo.extend(children.get(pid, []))
-    rss = pss = 0
+    out = []
     for pid in pids:
         try:
+            with open(f"/proc/{pid}/cmdline", "rb") as f:
+                name = f.read().split(b"\0")[0].decode(errors="replace")
+            sizes = {}
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:
                     key, _, value = line.partition(":")
                     if key in ("Rss", "Pss"):
-                        kib = int(value.split()[0]) * 1024
-                        rss, pss = (rss + kib, pss) if key == "Rss" else (rss, pss + kib)
+                        sizes[key] = int(value.split()[0]) * 1024
         except OSError:
             continue
-    return len(pids), rss, pss
+        out.append(ProcessMemory(os.path.basename(name), sizes.get("Rss", 0),
+                                 sizes.get("Pss", 0)))
+    return out
 
 
 def pinned_config(config_path: str, cores: int, out_dir: str) -> str:
@@ -209,10 +220,16 @@ def pinned_config(config_path: str, cores: int, out_dir: str) -> str:
 @dataclass(slots=True)
 class ServerRun:
     ready_s: float
-    processes: int = 0
-    rss: int = 0
-    pss: int = 0
+    memory: list[ProcessMemory] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+
+    @property
+    def rss(self) -> int:
+        return sum(p.rss for p in self.memory)
+
+    @property
+    def pss(self) -> int:
+        return sum(p.pss for p in self.memory)
 
 
 def start_server(config_path: str, log_path: Path) -> tuple[ManagedServer, float]:
@@ -251,7 +268,7 @@ def measure(pd_config: str, agg_config: str, model: str, prompts: list[str],
                     if i:
                         run.samples.append(sample)
             for run, server in ((pd, pd_server), (agg, agg_server)):
-                run.processes, run.rss, run.pss = tree_memory(server.proc.pid)
+                run.memory = tree_memory(server.proc.pid)
             for _, client in clients:
                 client.http.close()
         finally:
@@ -288,7 +305,10 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
              f"{'ready s':24}{pd.ready_s:>10.1f}{agg.ready_s:>12.1f}",
              f"{'tree RSS GB':24}{pd.rss / 1e9:>10.2f}{agg.rss / 1e9:>12.2f}",
              f"{'tree PSS GB':24}{pd.pss / 1e9:>10.2f}{agg.pss / 1e9:>12.2f}",
-             f"{'processes':24}{pd.processes:>10}{agg.processes:>12}"]
+             f"{'processes':24}{len(pd.memory):>10}{len(agg.memory):>12}",
+             "largest P/D processes (RSS / PSS GB): " + ", ".join(
+                 f"{p.name} {p.rss / 1e9:.2f}/{p.pss / 1e9:.2f}"
+                 for p in sorted(pd.memory, key=lambda p: -p.rss)[:6])]
     if not remote:
         lines.append("no request took the remote P/D path: overhead not measured")
         lines.append("overhead_p50_ms=nan overhead_p99_ms=nan")
