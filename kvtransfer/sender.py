@@ -193,11 +193,11 @@ class KVSender:
         views = [self._regions[i].view(r.src, r.length) for i, r in pieces]
         try:
             await write_message(writer, PullReply(msg.xfer_id, True, "", "", len(views)))
-            # Bounded: a peer that gave up cancelled its receives, and these sends
-            # would otherwise pin the lease forever.
-            await asyncio.wait_for(asyncio.gather(*(
-                link.send(view, msg.tag_base + i) for i, view in enumerate(views)
-            )), self._config.transfer_timeout_s)
+            if views:  # bounded: a peer that gave up cancelled its receives, and these
+                # sends would otherwise pin the lease forever
+                await asyncio.wait_for(asyncio.gather(*(
+                    link.send(view, msg.tag_base + i) for i, view in enumerate(views)
+                )), self._config.transfer_timeout_s)
             if msg.mode == "ucx":
                 self._on_record(SendRecord(nbytes, len(src), loop.time() - start))
         except Exception as e:  # the transport failed: nobody will read these blocks
