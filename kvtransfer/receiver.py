@@ -10,13 +10,14 @@ failure after receives were posted cancels them, so no late byte lands in blocks
 vLLM is about to recompute into.
 
 Same-host peers (shm.py): if the handshake offered the peer's KV memory, the session
-maps it once, and a pull whose blocks all lie in the shared windows is a "shm" pull:
-send the request, copy the blocks at once (while the request and its reply travel),
-then wait for the reply. The copy only counts if the reply is ok: the peer pinned the
-lease, and a lease that is held now was held since before the request was sent (leases
-never come back), so the blocks did not change under the copy. A refused reply turns
-the copied blocks into load errors, as any failure does. The copy is synchronous and
-bounded, so nothing is left to cancel when a shm pull fails.
+maps it once, and a pull becomes a "shm" pull: copy the blocks that lie in the shared
+windows, then send the request and wait for the reply (and for UCX messages carrying
+the few pieces outside the windows). The copy only counts if the reply is ok: the peer
+pinned the lease, and a lease that is held at the reply was held since the peer's
+request finished, before we knew the block ids (leases never come back), so the blocks
+did not change under the copy. A refused reply turns the copied blocks into load
+errors, as any failure does. The copy is synchronous and bounded, so nothing is left
+to cancel when a shm pull fails.
 """
 
 from __future__ import annotations
@@ -230,13 +231,15 @@ class KVReceiver:
         session.replies[xfer_id], session.aborts[xfer_id] = reply_fut, abort_fut
         try:
             result.state = PullState.REQUESTED
+            # Copy first, then ask: the copy counts only if the reply is ok (see the
+            # module docstring). Overlapping them was slower here: the peer's handling
+            # of the request competes with the copy threads for the same cores.
+            self._copier.copy(pairs)
+            marks["copied"] = loop.time()
             await session.send(PullRequest(
                 xfer_id, load.remote_request_id, [[r.src, r.length] for r in runs],
                 xfer_id << 32, result.mode))
             marks["sent"] = loop.time()
-            # The copy overlaps the request's round trip; it counts only if the reply is ok.
-            self._copier.copy(pairs)
-            marks["copied"] = loop.time()
             reply: PullReply = await reply_fut
             marks["reply"] = loop.time()
             await self._receive(xfer_id, reply, recv_views, abort_fut, result)
@@ -318,12 +321,12 @@ class KVReceiver:
 
 
 def _phases(marks: dict[str, float], copied: bool) -> dict[str, float]:
-    """ms per phase: session (connect + handshake the first time), request (written),
-    copy (shm: our copy after the request went out), reply (until the reply was seen;
-    it waits behind the copy), receive (UCX messages after the reply)."""
-    order = ["start", "session", "sent", "copied", "reply", "received"]
-    names = ["session", "request", "copy", "reply", "receive"]
+    """ms per phase: session (plan, connect + handshake the first time), copy (shm:
+    from the peer's mapped memory), request (written), reply (round trip until the
+    reply was seen), receive (UCX messages after the reply)."""
+    order = ["start", "session", "copied", "sent", "reply", "received"]
+    names = ["session", "copy", "request", "reply", "receive"]
     out = {name: marks[b] - marks[a] for name, a, b in zip(names, order, order[1:])}
     if not copied:
-        out["reply"] += out.pop("copy")
+        out["request"] += out.pop("copy")
     return {k: round(v * 1e3, 3) for k, v in out.items()}
