@@ -6,7 +6,8 @@ side maps the prefill's KV memory once and copies blocks out of it with numpy.
 
 - Prefill (`SharedKV.export`, at `register_kv_caches`, before any forward pass): each
   distinct host allocation behind the KV regions is moved in place into one memfd: its
-  page-aligned interior is copied into the file, then the file is mapped over exactly
+  page-aligned interior is copied into the file (all-zero stretches skipped: they cost
+  no memory until written), then the file is mapped over exactly
   that range with MAP_FIXED, which replaces the anonymous pages at the same address.
   vLLM's tensors keep their identity, address and contents. The file is sealed against
   shrinking and growing, so a peer's mapping can never fault (SIGBUS). Blocks that
@@ -18,7 +19,8 @@ side maps the prefill's KV memory once and copies blocks out of it with numpy.
   and a one-time token. `FdServer` passes the memfd with SCM_RIGHTS to a same-uid peer
   that presents the token, once.
 - Decode (`PeerMemory.attach`): receives the fd, checks its size and seals, maps it
-  read-only with MAP_POPULATE (no page faults during pulls), keeps it for the session.
+  read-only (pages fault in on their first pull; populating up front would allocate
+  the peer's never-written pages), keeps it for the session.
   `ParallelCopier` copies a pull's (local view, peer view) pairs, splitting large
   copies over a few threads (numpy releases the GIL while it copies).
 
@@ -119,11 +121,21 @@ def _map_over(addr: int, length: int, fd: int, offset: int) -> None:
         raise OSError(err, f"mmap over KV memory failed: {os.strerror(err)}")
 
 
+_ZERO_SCAN_BYTES = 16 << 20
+
+
 def _write_all(fd: int, addr: int, length: int, offset: int) -> None:
+    """Copy memory into the file, skipping all-zero stretches: the file reads as zeros
+    there already, and unwritten file pages take no memory until the owner writes them
+    (vLLM's KV cache is all zeros at registration, most of it for a long while)."""
     view = memoryview((ctypes.c_char * length).from_address(addr)).cast("B")
-    done = 0
-    while done < length:
-        done += os.pwrite(fd, view[done:], offset + done)
+    for start in range(0, length, _ZERO_SCAN_BYTES):
+        chunk = view[start:start + _ZERO_SCAN_BYTES]
+        if not np.frombuffer(chunk, dtype=np.uint8).any():
+            continue
+        done = 0
+        while done < len(chunk):
+            done += os.pwrite(fd, chunk[done:], offset + start + done)
 
 
 def _window(region: KVRegion, pieces: list[tuple[int, int, int]]) -> Window:
@@ -293,8 +305,10 @@ class PeerMemory:
             seals = fcntl.fcntl(fd, fcntl.F_GET_SEALS)
             if seals & fcntl.F_SEAL_SHRINK == 0:
                 raise OSError("peer KV file may shrink under us (not sealed)")
-            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED | mmap.MAP_POPULATE,
-                                prot=mmap.PROT_READ)
+            # Not MAP_POPULATE: populating would allocate every page of the peer's
+            # file that it never wrote (1 GiB+ of zeros per peer); pages fault in on
+            # their first pull (~1 ms per 4 MiB, once) and stay mapped.
+            mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
         return cls(mapping, windows, block_bytes)
