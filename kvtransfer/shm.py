@@ -49,6 +49,7 @@ from .memory import KVRegion, Run
 
 PAGE = mmap.PAGESIZE
 _MAP_FIXED = 0x10  # Linux; the mmap module does not export it
+_MADV_POPULATE_READ = 22  # Linux 5.14+; neither does it export this
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _SPLIT_MIN_BYTES = 2 << 20  # below this one thread copies (a thread hop costs more)
 _CHUNK_BYTES = 4 << 20  # unit of work the copy threads take in turn
@@ -282,6 +283,8 @@ class PeerMemory:
     def __init__(self, mapping: mmap.mmap, windows: list[Window], block_bytes: Sequence[int]):
         self._map = mapping
         self.windows = windows
+        self._block_bytes = list(block_bytes)
+        self._can_populate = True
         self._views = [
             np.frombuffer(mapping, np.uint8, w.count * size, w.offset).reshape(w.count, size)
             for w, size in zip(windows, block_bytes)
@@ -324,9 +327,22 @@ class PeerMemory:
         pairs = []
         for index, r in inside:
             start = r.src - self.windows[index].first
+            self._populate(self.windows[index].offset + start * self._block_bytes[index],
+                           r.length * self._block_bytes[index])
             pairs.append((regions[index].view(r.dst, r.length),
                           self._views[index][start:start + r.length]))
         return pairs, outside
+
+    def _populate(self, offset: int, length: int) -> None:
+        """Map a range's pages in one call (MADV_POPULATE_READ, Linux 5.14+) instead of
+        one page fault per 4 KiB during the copy; pages already mapped cost nothing."""
+        if not self._can_populate:
+            return
+        lo = offset // PAGE * PAGE
+        try:
+            self._map.madvise(_MADV_POPULATE_READ, lo, offset + length - lo)
+        except OSError:  # an older kernel: the copy faults the pages in instead
+            self._can_populate = False
 
     def close(self) -> None:
         self._views = []
