@@ -34,7 +34,8 @@ class _Recorder(StatLoggerBase):
         for key, value in (scheduler_stats.kv_connector_stats or {}).items():
             if isinstance(value, (int, float)) and key != "leases_outstanding":
                 self.connector[key] = self.connector.get(key, 0) + value
-            elif isinstance(value, dict):
+            elif isinstance(value, dict) and all(
+                    isinstance(v, (int, float)) for v in value.values()):
                 bucket = self.connector.setdefault(key, {})
                 for k, v in value.items():
                     bucket[k] = bucket.get(k, 0) + v
