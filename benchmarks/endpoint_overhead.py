@@ -15,14 +15,12 @@ import argparse
 import asyncio
 import json
 import os
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import time
 
 import httpx
+
+from benchmarks.servers import pdserve_auth_headers, start_pdserve
 
 
 def _prompt(model_path: str, num_tokens: int) -> str:
@@ -75,7 +73,7 @@ def measure_endpoint(base_url: str, model: str, prompt: str, args) -> dict:
     clock = _TokenClock()
     body = {"model": model, "prompt": prompt, "max_tokens": args.output_tokens,
             "temperature": 0.0, "ignore_eos": True, "stream": True}
-    with httpx.Client(timeout=300, headers=_auth_headers()) as client:
+    with httpx.Client(timeout=300, headers=pdserve_auth_headers()) as client:
         for _ in range(args.num_requests + 1):
             clock.request()
             with client.stream("POST", base_url + "/v1/completions", json=body) as r:
@@ -107,34 +105,6 @@ async def _measure_offline_async(model_path: str, engine_kwargs: dict, prompt: s
     return clock.summary()
 
 
-def _auth_headers() -> dict:
-    key = os.environ.get("PDSERVE_API_KEY")
-    return {"Authorization": f"Bearer {key}"} if key else {}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _serve(config: str, port: int) -> tuple[subprocess.Popen, float]:
-    started = time.monotonic()
-    proc = subprocess.Popen([sys.executable, "-m", "serving.cli", "serve", config,
-                             "--port", str(port)], stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = started + 300
-    while time.monotonic() < deadline and proc.poll() is None:
-        try:
-            if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
-                return proc, time.monotonic() - started
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    proc.kill()
-    raise RuntimeError(f"server for {config} did not become ready")
-
-
 def main() -> None:
     from serving.config import app_config_from_file
     from serving.model import resolve_model
@@ -149,13 +119,11 @@ def main() -> None:
     model_path = resolve_model(config.model)
     prompt = _prompt(model_path, args.prompt_tokens)
 
-    port = _free_port()
-    proc, ready_s = _serve(args.config, port)
+    server, ready_s = start_pdserve(args.config)
     try:
-        endpoint = measure_endpoint(f"http://127.0.0.1:{port}", config.model_name, prompt, args)
+        endpoint = measure_endpoint(server.base_url, config.model_name, prompt, args)
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(120)
+        server.stop()
     pool = config.aggregated or config.decode
     os.environ.update(pool.env)
     offline = asyncio.run(_measure_offline_async(model_path, pool.engine_kwargs, prompt, args))

@@ -35,9 +35,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
-import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -48,9 +46,10 @@ import numpy as np
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.servers import ManagedServer
+from benchmarks.servers import pdserve_auth_headers, start_pdserve
 
 METRICS_WAIT_S = 5.0
+QUIET = {"PDSERVE_ENGINE_LOGS": "0"}  # server logs without every engine's lines
 
 
 @dataclass(slots=True)
@@ -134,10 +133,7 @@ class Client:
     """Sequential streamed requests to one server; on P/D, each request's KV pull time."""
 
     def __init__(self, base_url: str, model: str, output_tokens: int, with_pulls: bool):
-        headers = {}
-        if key := os.environ.get("PDSERVE_API_KEY"):
-            headers["Authorization"] = f"Bearer {key}"
-        self.http = httpx.Client(timeout=300, headers=headers, trust_env=False)
+        self.http = httpx.Client(timeout=300, headers=pdserve_auth_headers(), trust_env=False)
         self.base_url, self.model, self.output_tokens = base_url, model, output_tokens
         self.pulls = pull_totals(self.http, base_url) if with_pulls else None
 
@@ -232,19 +228,6 @@ class ServerRun:
         return sum(p.pss for p in self.memory)
 
 
-def start_server(config_path: str, log_path: Path) -> tuple[ManagedServer, float]:
-    command = [sys.executable, "-m", "serving.cli", "serve", config_path, "--port", "{port}"]
-    server = ManagedServer(shlex.join(command), log_path=log_path, ready_timeout_s=600,
-                           env={"PDSERVE_ENGINE_LOGS": "0"})
-    started = time.monotonic()
-    try:
-        server.start()
-    except BaseException:
-        server.stop(grace_s=5.0)
-        raise
-    return server, time.monotonic() - started
-
-
 def measure(pd_config: str, agg_config: str, model: str, prompts: list[str],
             output_tokens: int, logs: Path, gap_s: float) -> tuple[ServerRun, ServerRun]:
     """Start P/D, then aggregated (each alone, for its ready time); then alternate one
@@ -254,9 +237,9 @@ def measure(pd_config: str, agg_config: str, model: str, prompts: list[str],
     worker processes busy-poll their message queue for 1 s after each message
     (`shm_broadcast`'s busy loop), and the aggregated engine shares its core with the
     prefill engine."""
-    pd_server, pd_ready = start_server(pd_config, logs / "pd.log")
+    pd_server, pd_ready = start_pdserve(pd_config, logs / "pd.log", QUIET)
     try:
-        agg_server, agg_ready = start_server(agg_config, logs / "aggregated.log")
+        agg_server, agg_ready = start_pdserve(agg_config, logs / "aggregated.log", QUIET)
         try:
             pd, agg = ServerRun(pd_ready), ServerRun(agg_ready)
             clients = [(pd, Client(pd_server.base_url, model, output_tokens, True)),

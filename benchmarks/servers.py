@@ -14,6 +14,7 @@ import shlex
 import signal
 import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -126,3 +127,25 @@ class ManagedServer:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def pdserve_auth_headers() -> dict[str, str]:
+    """Headers for a `pdserve serve` started with PDSERVE_API_KEY in the environment."""
+    key = os.environ.get("PDSERVE_API_KEY")
+    return {"Authorization": f"Bearer {key}"} if key else {}
+
+
+def start_pdserve(config_path: str, log_path: Path | None = None,
+                  env: dict[str, str] | None = None) -> tuple[ManagedServer, float]:
+    """`pdserve serve CONFIG` on a free port, started and ready; (server, seconds to
+    ready). The caller stops it."""
+    command = [sys.executable, "-m", "serving.cli", "serve", config_path, "--port", "{port}"]
+    server = ManagedServer(shlex.join(command), log_path=log_path, ready_timeout_s=600,
+                           env=env)
+    started = time.monotonic()
+    try:
+        server.start()
+    except BaseException:
+        server.stop(grace_s=5.0)
+        raise
+    return server, time.monotonic() - started

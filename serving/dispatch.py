@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import RayActorError
 
 from serving.config import AppConfig, Role
 from serving.engine import ENGINE_SECONDS_KEY
@@ -55,7 +55,9 @@ class Dispatch:
 
 
 def is_replica_death(exc: BaseException) -> bool:
-    return isinstance(exc, (ActorDiedError, ActorUnavailableError, RayActorError))
+    """The replica's actor died or is unreachable (ActorDiedError and
+    ActorUnavailableError are both RayActorErrors)."""
+    return isinstance(exc, RayActorError)
 
 
 class Dispatcher:
@@ -74,16 +76,17 @@ class Dispatcher:
             reply = self.engines[Role.AGGREGATED].options(stream=True).generate.remote(
                 endpoint, body)
             return Dispatch(reply, "aggregated", "aggregated")
+        may_disaggregate = _may_disaggregate(body)
         token_ids = self._prompt_token_ids(endpoint, body)
         num_tokens, hashes = await self._prompt_blocks(body, token_ids)
-        if token_ids is not None and _may_send_token_ids(endpoint, body):
+        if token_ids is not None and may_disaggregate and _may_send_token_ids(endpoint, body):
             # Tokenized here already: the prefill and decode replicas skip it.
             body = {**body, "prompt": token_ids}
         block_size = self.hasher.spec.block_size if self.hasher is not None else 32
         started = time.perf_counter()
         try:
             route = await self.router.call("assign", num_tokens, session,
-                                           _may_disaggregate(body), hashes, block_size)
+                                           may_disaggregate, hashes, block_size)
         except LookupError as exc:
             raise OverloadedError("no decode replica is available") from exc
         dispatch = Dispatch(None, "local", route["reason"], route["decode"],
@@ -179,12 +182,12 @@ def _may_disaggregate(body: dict) -> bool:
 
 
 def _may_send_token_ids(endpoint: str, body: dict) -> bool:
-    """A completion whose text prompt the ingress tokenized exactly as the engine would,
-    and whose reply does not echo the prompt's text."""
+    """A completion whose text prompt the ingress tokenized exactly as the engine would
+    (the caller checks `_may_disaggregate`, which rules out echoing the prompt's text)."""
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1:
         prompt = prompt[0]
-    return (endpoint == "completions" and isinstance(prompt, str) and _may_disaggregate(body)
+    return (endpoint == "completions" and isinstance(prompt, str)
             and body.get("add_special_tokens", True) is True
             and body.get("truncate_prompt_tokens") is None)
 

@@ -24,7 +24,7 @@ from dataclasses import fields
 
 import ray
 from ray import serve
-from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+from ray.exceptions import RayActorError
 
 from serving.config import RouterConfig
 from serving.policies import ReplicaLoad, RouteRequest, make_policy
@@ -160,7 +160,7 @@ class RouterClient:
                 self._actor = await self._host.actor_handle.remote()
             try:
                 return await getattr(self._actor, method).remote(*args, **kwargs)
-            except (ActorDiedError, ActorUnavailableError, RayActorError):
+            except RayActorError:  # ActorDiedError, ActorUnavailableError included
                 self._actor = None  # the host replica is being replaced; ask it again
                 if attempt:
                     raise

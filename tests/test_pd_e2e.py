@@ -116,7 +116,7 @@ def test_killing_prefill_mid_run_loses_no_request(pd_server, reference):
     killed = threading.Event()
     for i in range(20):
         if i == 4:
-            _kill_prefill_replica(pd_server)
+            _kill_replica(pd_server, "PrefillEngine")
             killed.set()
         req, expected = REQUESTS[i % len(REQUESTS)], reference[i % len(REQUESTS)]
         try:
@@ -171,10 +171,6 @@ def test_decode_death_mid_stream_ends_the_stream_with_an_error(pd_server, refere
 def _decode_prompt_hits(server) -> float:
     return (metric(server, "pdserve_replica_external_hit_tokens_total", pool="decode")
             + metric(server, "pdserve_replica_local_hit_tokens_total", pool="decode"))
-
-
-def _kill_prefill_replica(server: ServerProcess) -> None:
-    _kill_replica(server, "PrefillEngine")
 
 
 def _kill_replica(server: ServerProcess, deployment: str) -> None:
