@@ -351,14 +351,17 @@ def test_shared_kv_keeps_tensors_and_peer_sees_owner_writes():
             tensor, ptr, contents = before[name]
             assert t is tensor and t.data_ptr() == ptr and torch.equal(t, contents)
         peer = asyncio.run(_attach(shared, [r.block_bytes for r in regions]))
-        w = shared.windows[1]
-        caches["layers.1"][w.first] = 7.0  # written by the owner after the peer mapped
+        # Blocks inside every region's window (which blocks straddle a partial page
+        # depends on where the allocator put the memory).
+        first = max(w.first for w in shared.windows)
+        stop = min(w.stop for w in shared.windows)
+        caches["layers.1"][first] = 7.0  # written by the owner after the peer mapped
         local = {name: torch.zeros_like(t) for name, t in caches.items()}
         local_regions, _ = regions_from_kv_caches(local, NUM_BLOCKS)
-        pairs, outside = peer.plan([Run(w.first, 0, w.count)], local_regions)
+        pairs, outside = peer.plan([Run(first, 0, stop - first)], local_regions)
         assert not outside
         ParallelCopier(2).copy(pairs)
-        assert torch.equal(local["layers.1"][:w.count], caches["layers.1"][w.first:w.stop])
+        assert torch.equal(local["layers.1"][:stop - first], caches["layers.1"][first:stop])
         assert (local["layers.1"][0] == 7.0).all()
         with pytest.raises(ValueError, match="read-only"):
             pairs[0][1][0] = 1  # the peer's mapping cannot write the owner's KV
