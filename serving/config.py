@@ -85,6 +85,10 @@ class RouterConfig(StrictModel):
     prefill_timeout_s: float = Field(
         30.0, gt=0, description="A remote prefill that takes longer is abandoned and the "
                                 "decode replica prefills locally.")
+    prefill_assign_timeout_s: float = Field(
+        2.0, gt=0, description="A remote prefill that no prefill replica takes within this "
+                               "time (the chosen one is gone and no other is up, or all are "
+                               "full) is prefilled by the decode replica instead.")
     session_header: str = Field(
         "x-session-id", description="Requests with the same value of this header stay on "
                                     "one decode replica.")

@@ -124,8 +124,17 @@ class Dispatcher:
                        kv_transfer_params={"do_remote_decode": True})
         reply = self.engines[Role.PREFILL].prefill.remote(endpoint, request,
                                                           replica_id=replica_id)
+        limits = self.config.router
+        started = time.monotonic()
         try:
-            result = await asyncio.wait_for(reply, self.config.router.prefill_timeout_s)
+            # Two waits: for a replica to take the call (Serve queues it while the pool
+            # has no live replica: the chosen one died and its replacement is starting),
+            # then for its reply.
+            assigned = await asyncio.wait_for(reply._to_object_ref(),
+                                              min(limits.prefill_assign_timeout_s,
+                                                  limits.prefill_timeout_s))
+            result = await asyncio.wait_for(
+                assigned, limits.prefill_timeout_s - (time.monotonic() - started))
         except Exception as exc:
             reply.cancel()
             logger.warning("prefill on %s failed (%r); prefilling locally", replica_id, exc)

@@ -112,20 +112,24 @@ def test_every_listener_is_on_loopback(pd_server):
 
 
 def test_killing_prefill_mid_run_loses_no_request(pd_server, reference):
-    results, errors = [], []
+    results, errors, slowest = [], [], 0.0
     killed = threading.Event()
     for i in range(20):
         if i == 4:
             _kill_replica(pd_server, "PrefillEngine")
             killed.set()
         req, expected = REQUESTS[i % len(REQUESTS)], reference[i % len(REQUESTS)]
+        started = time.monotonic()
         try:
             reply = complete(pd_server, req)
             results.append(reply["choices"][0]["token_ids"] == expected["token_ids"])
         except AssertionError as exc:
             errors.append(str(exc))
+        slowest = max(slowest, time.monotonic() - started)
     assert killed.is_set() and not errors, errors
     assert results == [True] * 20
+    # No request waits for the replacement prefill replica (prefill_assign_timeout_s 2).
+    assert slowest < 10, f"a request took {slowest:.1f} s while prefill was down"
     assert metric(pd_server, "pdserve_router_decisions_total", decision="fallback") + \
         metric(pd_server, "pdserve_router_decisions_total", decision="local",
                reason="local_no_prefill") >= 1
