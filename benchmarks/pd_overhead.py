@@ -13,13 +13,17 @@ ignore_eos so each makes exactly --output-tokens tokens, a distinct prompt per r
 so no prefix cache hides a prefill; the first request to each warms up.
 
 Per P/D request:
-  overhead = client TTFT - prefill engine time - KV pull time
+  overhead = client TTFT - prefill engine time - KV pull time (if before the first token)
 where the prefill engine time is what the prefill replica reports (the ingress's
 `Server-Timing: prefill-engine`, measured inside the replica around vLLM's OpenAI
 handler), and the pull time is the decode replica's connector pull, read as the change
 of `pdserve_kv_transfer_seconds` in /metrics (sequential requests: one pull each).
-What remains is the ingress, the router call, the Ray hops, the decode replica's own
-request handling and its first decode step.
+When the first token came from the prefill's reply (`Server-Timing: first-token`,
+serving/head.py), the pull happens after it and is not subtracted; what remains is the
+ingress, the router call and the prefill hop. Otherwise it also holds the decode
+replica's request handling and its first decode step. The time to the second token and
+the ITL without the first gap are printed too: with the first token from the prefill,
+the decode hop, pull and first decode step move into the first gap.
 
 The aggregated engine is pinned to --aggregated-cores cores (VLLM_CPU_OMP_THREADS_BIND),
 the targets' "aggregated on one core". Tree memory is the sum over the server process
@@ -58,6 +62,7 @@ class Sample:
     gaps: list[float]
     timing: dict[str, float] = field(default_factory=dict)  # Server-Timing, seconds
     pull: float | None = None
+    head: bool = False  # the first token came from the prefill's reply
 
 
 def make_prompts(model_dir: str, num_tokens: int, count: int, seed: int = 0) -> list[str]:
@@ -113,6 +118,7 @@ def stream_once(client: httpx.Client, base_url: str, body: dict) -> Sample:
     with client.stream("POST", base_url + "/v1/completions", json=body) as reply:
         reply.raise_for_status()
         timing = parse_server_timing(reply.headers.get("server-timing"))
+        head = "first-token" in reply.headers.get("server-timing", "")
         for line in reply.iter_lines():
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
@@ -126,7 +132,7 @@ def stream_once(client: httpx.Client, base_url: str, body: dict) -> Sample:
             last = now
     if first is None:
         raise RuntimeError("the stream carried no token")
-    return Sample(first, gaps, timing)
+    return Sample(first, gaps, timing, head=head)
 
 
 class Client:
@@ -269,11 +275,16 @@ def percentile(values: list[float], q: float) -> float:
 def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int) -> str:
     ms = 1e3
     remote = [s for s in pd.samples if s.pull is not None and "prefill-engine" in s.timing]
-    overhead = [s.ttft - s.timing["prefill-engine"] - s.pull for s in remote]
+    overhead = [s.ttft - s.timing["prefill-engine"] - (0.0 if s.head else s.pull)
+                for s in remote]
     pd_ttft = [s.ttft for s in pd.samples]
     agg_ttft = [s.ttft for s in agg.samples]
     pd_itl = statistics.fmean(g for s in pd.samples for g in s.gaps)
     agg_itl = statistics.fmean(g for s in agg.samples for g in s.gaps)
+    pd_second = [s.ttft + s.gaps[0] for s in pd.samples if s.gaps]
+    agg_second = [s.ttft + s.gaps[0] for s in agg.samples if s.gaps]
+    pd_itl_rest = statistics.fmean(g for s in pd.samples for g in s.gaps[1:])
+    agg_itl_rest = statistics.fmean(g for s in agg.samples for g in s.gaps[1:])
     lines = [f"{len(pd.samples)} requests per server, {prompt_tokens}-token prompts, "
              f"{output_tokens} tokens out, sequential, streamed",
              f"{'':24}{'P/D':>10}{'aggregated':>12}{'ratio':>8}",
@@ -285,6 +296,12 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
              f"{percentile(pd_ttft, .99) / percentile(agg_ttft, .99):>8.2f}",
              f"{'ITL mean ms':24}{pd_itl * ms:>10.2f}{agg_itl * ms:>12.2f}"
              f"{pd_itl / agg_itl:>8.2f}",
+             f"{'ITL mean, 2nd gap on':24}{pd_itl_rest * ms:>10.2f}{agg_itl_rest * ms:>12.2f}"
+             f"{pd_itl_rest / agg_itl_rest:>8.2f}",
+             f"{'2nd token p50 ms':24}{statistics.median(pd_second) * ms:>10.1f}"
+             f"{statistics.median(agg_second) * ms:>12.1f}"
+             f"{statistics.median(pd_second) / statistics.median(agg_second):>8.2f}",
+             f"{'first token from prefill':24}{sum(s.head for s in pd.samples):>10}",
              f"{'ready s':24}{pd.ready_s:>10.1f}{agg.ready_s:>12.1f}",
              f"{'tree RSS GB':24}{pd.rss / 1e9:>10.2f}{agg.rss / 1e9:>12.2f}",
              f"{'tree PSS GB':24}{pd.pss / 1e9:>10.2f}{agg.pss / 1e9:>12.2f}",

@@ -67,13 +67,19 @@ class PDScheduler:
                 remote.remote_host, remote.remote_port, remote.remote_request_id)
 
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int):
-        """All prompt tokens not computed locally load asynchronously from the peer;
-        without a peer, the longest prefix stored in a tier loads asynchronously."""
-        if self._remote(request) is None:
+        """The prompt tokens the peer computed and we did not load asynchronously from
+        it (a prompt may run past them: the peer's sampled token, appended by a proxy
+        that already sent it to the client); without a peer, the longest prefix stored
+        in a tier loads asynchronously."""
+        remote = self._remote(request)
+        if remote is None:
             if self.tiers is not None:
                 return self.tiers.get_num_new_matched_tokens(request, num_computed_tokens)
             return 0, False
-        count = request.num_prompt_tokens - num_computed_tokens
+        num_tokens = request.num_prompt_tokens
+        if remote.remote_num_tokens > 0:
+            num_tokens = min(num_tokens, remote.remote_num_tokens)
+        count = num_tokens - num_computed_tokens
         return (count, True) if count > 0 else (0, False)
 
     def update_state_after_alloc(self, request: "Request", blocks: "KVCacheBlocks",

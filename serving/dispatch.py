@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import uuid
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -21,6 +22,8 @@ from ray.exceptions import RayActorError
 from serving.config import AppConfig, Role
 from serving.engine import ENGINE_SECONDS_KEY
 from serving.errors import OverloadedError
+from serving.head import (Head, decode_body, head_from_prefill, may_answer_head,
+                          prefill_fields)
 from serving.prefix import HashSpec, PromptHasher
 from serving.router import RouterClient
 
@@ -42,6 +45,7 @@ class Dispatch:
     matched_tokens: int | None = None  # prompt tokens the prefilling replica held
     prefill_s: float = 0.0  # the remote prefill as the ingress saw it
     prefill_engine_s: float = 0.0  # ... and inside the prefill replica
+    head: Head | None = None  # the first token, from the prefill's reply (head.py)
     started: float = field(default_factory=time.perf_counter)
 
     def server_timing(self) -> str:
@@ -51,7 +55,10 @@ class Dispatch:
             parts.append(("route-policy", self.policy_s))
         if self.prefill_s:
             parts += [("prefill", self.prefill_s), ("prefill-engine", self.prefill_engine_s)]
-        return ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in parts)
+        timing = ", ".join(f"{name};dur={seconds * 1e3:.3f}" for name, seconds in parts)
+        if self.head is not None:
+            timing += ', first-token;desc="prefill"'
+        return timing
 
 
 def is_replica_death(exc: BaseException) -> bool:
@@ -79,9 +86,13 @@ class Dispatcher:
         may_disaggregate = _may_disaggregate(body)
         token_ids = self._prompt_token_ids(endpoint, body)
         num_tokens, hashes = await self._prompt_blocks(body, token_ids)
+        answer_head = False
         if token_ids is not None and may_disaggregate and _may_send_token_ids(endpoint, body):
             # Tokenized here already: the prefill and decode replicas skip it.
             body = {**body, "prompt": token_ids}
+            answer_head = may_answer_head(endpoint, body)
+            if answer_head:  # one response id from both replicas
+                body["request_id"] = body.get("request_id") or uuid.uuid4().hex
         block_size = self.hasher.spec.block_size if self.hasher is not None else 32
         started = time.perf_counter()
         try:
@@ -96,10 +107,13 @@ class Dispatcher:
                                             if self.wants_hashes else None))
         if route["prefill"] is not None:
             started = time.perf_counter()
-            prefilled = await self._prefill(endpoint, body, route["prefill"])
+            prefilled = await self._prefill(endpoint, body, route["prefill"], answer_head)
             dispatch.prefill_s = time.perf_counter() - started
             if prefilled is not None:
-                body = {**body, "kv_transfer_params": prefilled["kv_transfer_params"]}
+                params = prefilled["kv_transfer_params"]
+                dispatch.head = head_from_prefill(body, prefilled) if answer_head else None
+                body = (decode_body(body, dispatch.head, params) if dispatch.head
+                        else {**body, "kv_transfer_params": params})
                 dispatch.path = "remote"
                 dispatch.prefill_engine_s = prefilled.get(ENGINE_SECONDS_KEY, 0.0)
             else:
@@ -116,12 +130,15 @@ class Dispatcher:
         pool = Role.DECODE if self.config.is_disaggregated else Role.AGGREGATED
         return await self.engines[pool].models.remote()
 
-    async def _prefill(self, endpoint: str, body: dict, replica_id: str) -> dict | None:
+    async def _prefill(self, endpoint: str, body: dict, replica_id: str,
+                       answer_head: bool) -> dict | None:
         """The remote prefill's reply (with kv_transfer_params), or None to prefill
         locally."""
         request = {k: v for k, v in body.items() if k not in PREFILL_DROPPED_FIELDS}
         request.update(stream=False, max_tokens=1,
                        kv_transfer_params={"do_remote_decode": True})
+        if answer_head:
+            request.update(prefill_fields(body))
         reply = self.engines[Role.PREFILL].prefill.remote(endpoint, request,
                                                           replica_id=replica_id)
         limits = self.config.router

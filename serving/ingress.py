@@ -25,6 +25,7 @@ from serving.dispatch import Dispatch, Dispatcher
 from serving.errors import (AuthenticationError, BadRequestError, NotFoundError,
                             OverloadedError, RequestTooLargeError, ServingError,
                             UpstreamTimeoutError, error_body, error_for)
+from serving.head import head_event, merge_response, relay_event
 from serving.metrics import RequestTimer, ServingMetrics
 from serving.router import RouterClient
 from serving.protocol import validate_request
@@ -114,8 +115,10 @@ class OpenAIIngress:
                 self.metrics.prefill_seconds.labels("call").observe(dispatch.prefill_s)
             if dispatch.prefill_engine_s:
                 self.metrics.prefill_seconds.labels("engine").observe(dispatch.prefill_engine_s)
-            reply = dispatch.reply
-            first = await _next_before(reply, deadline)
+            if dispatch.head is not None and stream:
+                first = head_event(dispatch.head)  # the decode replica continues it
+            else:
+                first = await _next_before(dispatch.reply, deadline)
         except Exception as exc:
             if dispatch is not None:
                 await self.dispatcher.on_failure(dispatch, exc)
@@ -124,6 +127,8 @@ class OpenAIIngress:
             return response
         headers = {"x-request-id": request_id, "server-timing": dispatch.server_timing()}
         if isinstance(first, dict):
+            if dispatch.head is not None:
+                first = merge_response(first, dispatch.head)
             status = int(first["error"]["code"]) if "error" in first else 200
             timer.finish(self.metrics, status, first.get("usage"))
             return JSONResponse(first, status, headers=headers)
@@ -133,11 +138,20 @@ class OpenAIIngress:
     async def _relay(self, first: str, dispatch: Dispatch, deadline: float,
                      timer: RequestTimer, client_wants_usage: bool,
                      request_id: str) -> AsyncIterator[str]:
-        """Pass SSE events through, timing token events; errors end the stream cleanly."""
+        """Pass SSE events through, timing token events; errors end the stream cleanly.
+        After a first token from the prefill (`first` is then its event), the decode
+        replica's events are shifted by it (head.py)."""
         usage, status, event, reply = None, 200, first, dispatch.reply
         try:
             while True:
+                if isinstance(event, dict):  # the decode replica refused the continuation
+                    status = int(event.get("error", {}).get("code", 500))
+                    yield f"data: {json.dumps(event)}\n\n"
+                    yield SSE_DONE
+                    break
                 payload = _event_payload(event)
+                if dispatch.head is not None and event is not first:
+                    event = relay_event(event, payload)
                 if payload is not None:
                     if payload.get("choices") and _has_token(payload["choices"]):
                         timer.token_event()

@@ -65,6 +65,8 @@ def test_pd_output_equals_aggregated_and_decode_loaded_the_prompt(pd_server, ref
         reply = complete(pd_server, req)
         assert reply["choices"][0]["token_ids"] == expected["token_ids"]
         assert reply["choices"][0]["text"] == expected["text"]
+        assert reply["usage"]["prompt_tokens"] == len(expected["prompt_token_ids"])
+        assert reply["usage"]["completion_tokens"] == req["max_tokens"]
         assert metric(pd_server, "pdserve_router_decisions_total",
                       decision="remote") == remote_before + 1
         # The decode replica computed none of the prompt: every token but the last came
@@ -85,6 +87,36 @@ def test_pd_streaming_equals_aggregated(pd_server, reference):
         ids = [c.choices[0].token_ids for c in chunks if c.choices and c.choices[0].token_ids]
         assert sum(ids, []) == expected["token_ids"]
         assert all(len(step) == 1 for step in ids)  # one SSE event per token, no bursts
+
+
+def test_first_token_streams_from_the_prefill_and_the_stream_reads_as_one_engines(
+        pd_server, reference):
+    """The prefill's sampled token goes to the client at once (serving/head.py); the
+    decode replica's events follow under the same id, its longer prompt hidden."""
+    req, expected = REQUESTS[1], reference[1]
+    body = {"model": "pdserve:tiny", "prompt": req["prompt"], "max_tokens": req["max_tokens"],
+            "temperature": 0.0, "stream": True, "return_token_ids": True,
+            "stream_options": {"include_usage": True}}
+    with httpx.stream("POST", pd_server.base_url + "/v1/completions", json=body,
+                      timeout=120) as reply:
+        assert reply.status_code == 200
+        assert 'first-token;desc="prefill"' in reply.headers["server-timing"]
+        events = [json.loads(line[6:]) for line in reply.iter_lines()
+                  if line.startswith("data: {")]
+    choices = [c for e in events for c in e["choices"]]
+    assert [t for c in choices for t in c.get("token_ids") or []] == expected["token_ids"]
+    assert "".join(c["text"] for c in choices) == expected["text"]
+    assert choices[0]["prompt_token_ids"] == expected["prompt_token_ids"]
+    assert not any(c.get("prompt_token_ids") for c in choices[1:])
+    assert len({e["id"] for e in events}) == 1
+    assert events[-1]["usage"]["prompt_tokens"] == len(expected["prompt_token_ids"])
+    assert events[-1]["usage"]["completion_tokens"] == req["max_tokens"]
+
+    seeded = httpx.post(pd_server.base_url + "/v1/completions", timeout=120, json={
+        "model": "pdserve:tiny", "prompt": req["prompt"], "max_tokens": 4,
+        "temperature": 0.8, "seed": 7})
+    assert seeded.status_code == 200, seeded.text
+    assert "first-token" not in seeded.headers["server-timing"]  # vLLM's convention
 
 
 def test_short_prompt_is_prefilled_locally(pd_server, reference):
