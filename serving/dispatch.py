@@ -5,7 +5,8 @@ flow"): the router assigns a decode replica and maybe a prefill replica; the pre
 replica computes the prompt's KV (`max_tokens=1`, `do_remote_decode`) and returns
 `kv_transfer_params`, which ride verbatim on the decode request so its connector pulls
 the blocks. A prefill that fails, dies or times out costs nothing but time: the decode
-replica prefills locally.
+replica prefills locally. Most completions take the prefill's first token as theirs
+(head.py): the decode request continues after it.
 """
 
 from __future__ import annotations
