@@ -313,7 +313,8 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
         lines.append("no request took the remote P/D path: overhead not measured")
         lines.append("overhead_p50_ms=nan overhead_p99_ms=nan")
         return "\n".join(lines)
-    parts = {"route (router call)": [s.timing.get("route", 0) for s in remote],
+    parts = {"ingress (checks, tokens)": [s.timing.get("ingress", 0) for s in remote],
+             "route (router call)": [s.timing.get("route", 0) for s in remote],
              "prefill call": [s.timing.get("prefill", 0) for s in remote],
              "prefill engine": [s.timing["prefill-engine"] for s in remote],
              "KV pull": [s.pull for s in remote],

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -41,17 +41,17 @@ class Dispatch:
     path: str  # aggregated | remote | local | fallback
     reason: str
     decode_replica: str | None = None
+    ingress_s: float = 0.0  # the ingress's own work before the router call
     route_s: float = 0.0  # the router's assign() as the ingress saw it
     policy_s: float = 0.0  # ... and its policy's decision inside the router
     matched_tokens: int | None = None  # prompt tokens the prefilling replica held
     prefill_s: float = 0.0  # the remote prefill as the ingress saw it
     prefill_engine_s: float = 0.0  # ... and inside the prefill replica
     head: Head | None = None  # the first token, from the prefill's reply (head.py)
-    started: float = field(default_factory=time.perf_counter)
 
     def server_timing(self) -> str:
         """A Server-Timing header value (milliseconds), for clients and benchmarks."""
-        parts = [("route", self.route_s)]
+        parts = [("ingress", self.ingress_s), ("route", self.route_s)]
         if self.policy_s:
             parts.append(("route-policy", self.policy_s))
         if self.prefill_s:
@@ -79,7 +79,9 @@ class Dispatcher:
         if config.is_disaggregated and config.router.policy in ("conditional", "prefix_aware"):
             self.tokenizer = _load_tokenizer(config.model)
 
-    async def start(self, endpoint: str, body: dict, session: str | None) -> Dispatch:
+    async def start(self, endpoint: str, body: dict, session: str | None,
+                    received: float | None = None) -> Dispatch:
+        """`received`: when the ingress got the request (perf_counter), for timing."""
         if not self.config.is_disaggregated:
             reply = self.engines[Role.AGGREGATED].options(stream=True).generate.remote(
                 endpoint, body)
@@ -102,6 +104,7 @@ class Dispatcher:
         except LookupError as exc:
             raise OverloadedError("no decode replica is available") from exc
         dispatch = Dispatch(None, "local", route["reason"], route["decode"],
+                            ingress_s=started - received if received else 0.0,
                             route_s=time.perf_counter() - started,
                             policy_s=route.get("policy_s", 0.0),
                             matched_tokens=(route.get("matched_tokens", 0)

@@ -98,6 +98,7 @@ class OpenAIIngress:
                         media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def _serve(self, endpoint: str, request: Request) -> Response:
+        received = time.perf_counter()
         request_id = _request_id(request)
         timer = RequestTimer(endpoint)
         dispatch = None
@@ -107,7 +108,8 @@ class OpenAIIngress:
             stream, client_wants_usage = self._validate(endpoint, body)
             deadline = time.monotonic() + self.config.request_timeout_s
             dispatch = await self.dispatcher.start(
-                endpoint, body, request.headers.get(self.config.router.session_header))
+                endpoint, body, request.headers.get(self.config.router.session_header),
+                received)
             timer.path = dispatch.path
             self.metrics.decisions.labels(dispatch.path, dispatch.reason).inc()
             self._observe_route(dispatch)

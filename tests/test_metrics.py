@@ -52,9 +52,10 @@ def test_replicas_without_a_connector_export_no_transfer_series():
 
 
 def test_server_timing_round_trip():
-    dispatch = Dispatch(None, "remote", "remote_long", "d1", route_s=0.0012,
-                        prefill_s=0.105, prefill_engine_s=0.1)
+    dispatch = Dispatch(None, "remote", "remote_long", "d1", ingress_s=0.003,
+                        route_s=0.0012, prefill_s=0.105, prefill_engine_s=0.1)
     timing = parse_server_timing(dispatch.server_timing())
-    assert timing == {"route": 0.0012, "prefill": 0.105, "prefill-engine": 0.1}
+    assert timing == {"ingress": 0.003, "route": 0.0012, "prefill": 0.105,
+                      "prefill-engine": 0.1}
     local = Dispatch(None, "local", "local_short", "d1", route_s=0.002)
-    assert parse_server_timing(local.server_timing()) == {"route": 0.002}
+    assert parse_server_timing(local.server_timing()) == {"ingress": 0.0, "route": 0.002}
