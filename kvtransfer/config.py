@@ -66,6 +66,11 @@ class PDConnectorConfig(BaseModel):
         "auto", description="Same-host data path: 'auto' maps the prefill's KV memory "
         "into a decode peer on the same host (host memory only; else UCX); 'off': UCX.",
     )
+    shm_direct: bool = Field(
+        True, description="With shm: pull without a round trip when the prefill's "
+        "lease board shows the lease holding the blocks before and after the copy; "
+        "False: always ask the prefill (a request/reply per pull).",
+    )
     tiers: TierConfig | None = Field(
         None, description="DRAM/NVMe KV tiers with prefix reuse; unset: none.")
 

@@ -6,6 +6,9 @@ done (or gave up), when it is released (decode request aborted), or when it expi
 Heartbeats push the expiry out. A lease being read is never ended under the reader:
 the end is deferred until the last read finishes, then reported.
 
+With a `board` (board.py, shared with same-host peers), a grant publishes the lease's
+blocks and an end withdraws them before the lease is reported as finished.
+
 Thread-safe: the engine thread grants and collects, the I/O thread reads and ends.
 """
 
@@ -17,6 +20,7 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
+from .board import LeaseBoard
 from .errors import BlockRangeError, LeaseUnavailable
 
 _REMEMBER_ENDED = 4096
@@ -39,12 +43,18 @@ class LeaseTable:
         self._ended: OrderedDict[str, str] = OrderedDict()  # lease_id -> reason
         self._finished: set[str] = set()
         self.num_expired = 0
+        self.board: LeaseBoard | None = None  # set once, before the first grant
 
     def grant(self, lease_id: str, block_ids: Iterable[int], duration_s: float) -> None:
         with self._lock:
-            self._leases[lease_id] = Lease(
+            old = self._leases.get(lease_id)
+            lease = self._leases[lease_id] = Lease(
                 lease_id, frozenset(block_ids), self._clock() + duration_s
             )
+            if self.board is not None:
+                if old is not None:  # a re-grant replaces the blocks it held
+                    self.board.withdraw(lease_id, old.block_ids)
+                self.board.publish(lease_id, lease.block_ids)
 
     def extend(self, lease_id: str, duration_s: float) -> bool:
         """Push the expiry to at least now + duration; False if no such lease."""
@@ -119,6 +129,8 @@ class LeaseTable:
             return len(self._leases)
 
     def _finish(self, lease: Lease, reason: str) -> None:
+        if self.board is not None:  # before anyone may free the blocks
+            self.board.withdraw(lease.lease_id, lease.block_ids)
         del self._leases[lease.lease_id]
         self._ended[lease.lease_id] = reason
         if len(self._ended) > _REMEMBER_ENDED:

@@ -17,8 +17,11 @@ Conversation (decode side D dials prefill side P's listener):
             mode "ucx": then the data over UCX; mode "shm": D copies from the mapped
             memory (it may start before the reply; the reply says whether it counts)
     P -> D  PullAbort(xfer_id, reason)   sending failed part way: give up at once
-    D -> P  PullDone(lease_id, ok)       blocks received (or given up): free them (and,
-                                         for shm, end the read pin the reply took)
+    D -> P  PullDone(lease_id, ok, num_copied)
+                                 blocks received (or given up): free them (and, for
+                                 shm, end the read pin the reply took); `num_copied`:
+                                 blocks a direct pull copied without a PullRequest
+                                 (D saw the lease on P's lease board, board.py), else 0
     D -> P  Heartbeat(lease_ids)         the decode request still waits: keep them
     D -> P  Release(lease_id)            the decode request went away: free them
 """
@@ -101,6 +104,7 @@ class PullDone:
     kind: ClassVar[str] = "pull_done"
     lease_id: str
     ok: bool
+    num_copied: int = 0
 
 
 @dataclass(frozen=True, slots=True)

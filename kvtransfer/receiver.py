@@ -10,14 +10,22 @@ failure after receives were posted cancels them, so no late byte lands in blocks
 vLLM is about to recompute into.
 
 Same-host peers (shm.py): if the handshake offered the peer's KV memory, the session
-maps it once, and a pull becomes a "shm" pull: copy the blocks that lie in the shared
-windows, then send the request and wait for the reply (and for UCX messages carrying
-the few pieces outside the windows). The copy only counts if the reply is ok: the peer
-pinned the lease, and a lease that is held at the reply was held since the peer's
-request finished, before we knew the block ids (leases never come back), so the blocks
-did not change under the copy. A refused reply turns the copied blocks into load
-errors, as any failure does. The copy is synchronous and bounded, so nothing is left
-to cancel when a shm pull fails.
+maps it once (with the peer's lease board, board.py), and a pull takes one of two
+paths, both synchronous and bounded copies, so nothing is left to cancel on failure:
+
+- "shm-direct", no round trip: when every block lies in the shared windows and the
+  board shows the lease holding all of them, copy, then read the board again. Still
+  held after the copy means held all through it (leases never come back), so vLLM had
+  not freed the blocks and they did not change. The result goes back at once; the
+  PullDone that frees the lease follows off the critical path. A lease not (yet) on
+  the board, e.g. a pull that raced ahead of its grant, or one that ended during the
+  copy, takes the path below.
+- "shm", copy first, then ask: copy the blocks in the shared windows, then send the
+  request and wait for the reply (and for UCX messages carrying the few pieces
+  outside the windows). The copy only counts if the reply is ok: the peer pinned the
+  lease, and a lease held at the reply was held since the peer's request finished,
+  before we knew the block ids, so the blocks did not change under the copy. A
+  refused reply turns the copied blocks into load errors, as any failure does.
 """
 
 from __future__ import annotations
@@ -35,7 +43,7 @@ from .errors import (
     error_from_reason,
 )
 from .handshake import client_handshake
-from .memory import KVRegion, check_block_ids, coalesce, split_runs
+from .memory import KVRegion, Run, check_block_ids, coalesce, split_runs
 from .metadata import LoadSpec
 from .protocol import (
     Heartbeat, PullAbort, PullDone, PullReply, PullRequest, Release, encode, read_message,
@@ -219,6 +227,42 @@ class KVReceiver:
         session = await self._session(load.remote_host, load.remote_port)
         marks["session"] = loop.time()
         plan = session.memory.plan(runs, self._regions) if session.memory else None
+        num_copied = 0
+        if plan is not None and not plan[1] and self._copy_direct(
+                session.memory, load.remote_request_id, runs, plan[0]):
+            result.mode = "shm-direct"
+            marks["copy"] = loop.time()
+            num_copied = len(load.local_block_ids)
+        else:
+            await self._ask(load, runs, plan, session, result, marks)
+        result.num_blocks = len(load.local_block_ids)
+        result.num_bytes = result.num_blocks * sum(r.block_bytes for r in self._regions)
+        result.phases = _phases(marks)
+        # Off the critical path: sent right after the result is handed back.
+        loop.call_later(0, session.send_nowait,
+                        PullDone(load.remote_request_id, True, num_copied))
+        logger.debug("kvtransfer: pull %s %s %d blocks %.1f MiB phases(ms) %s",
+                     load.request_id, result.mode, result.num_blocks,
+                     result.num_bytes / 2**20, result.phases)
+
+    def _copy_direct(self, memory: PeerMemory, lease_id: str, runs: list[Run],
+                     pairs: list) -> bool:
+        """Copy without asking if the peer's lease board shows the lease holding every
+        block before the copy and still after it (see the module docstring); False:
+        nothing counts, ask the peer."""
+        if not self._config.shm_direct or not pairs:
+            return False
+        blocks = [b for r in runs for b in range(r.src, r.src + r.length)]
+        if not memory.board.holds(lease_id, blocks):
+            return False
+        self._copier.copy(pairs)
+        return memory.board.holds(lease_id, blocks)
+
+    async def _ask(self, load: LoadSpec, runs: list[Run], plan, session: _Session,
+                   result: PullResult, marks: dict[str, float]) -> None:
+        """The round trip: request, reply, then receive what the peer sends (for a shm
+        pull, copy first; the copy counts only if the reply is ok)."""
+        loop = asyncio.get_running_loop()
         if plan is None:
             pairs, recv_views = [], [
                 region.view(r.dst, r.length) for region in self._regions for r in runs]
@@ -234,29 +278,22 @@ class KVReceiver:
             # Copy first, then ask: the copy counts only if the reply is ok (see the
             # module docstring). Overlapping them was slower here: the peer's handling
             # of the request competes with the copy threads for the same cores.
-            self._copier.copy(pairs)
-            marks["copied"] = loop.time()
+            if pairs:
+                self._copier.copy(pairs)
+                marks["copy"] = loop.time()
             await session.send(PullRequest(
                 xfer_id, load.remote_request_id, [[r.src, r.length] for r in runs],
                 xfer_id << 32, result.mode))
-            marks["sent"] = loop.time()
+            marks["request"] = loop.time()
             reply: PullReply = await reply_fut
             marks["reply"] = loop.time()
             await self._receive(xfer_id, reply, recv_views, abort_fut, result)
-            marks["received"] = loop.time()
+            marks["receive"] = loop.time()
         finally:
             session.replies.pop(xfer_id, None)
             session.aborts.pop(xfer_id, None)
             if not abort_fut.done():
                 abort_fut.cancel()
-        result.num_blocks = len(load.local_block_ids)
-        result.num_bytes = result.num_blocks * sum(r.block_bytes for r in self._regions)
-        result.phases = _phases(marks, bool(pairs))
-        # Off the critical path: sent right after the result is handed back.
-        loop.call_later(0, session.send_nowait, PullDone(load.remote_request_id, True))
-        logger.debug("kvtransfer: pull %s %s %d blocks %.1f MiB phases(ms) %s",
-                     load.request_id, result.mode, result.num_blocks,
-                     result.num_bytes / 2**20, result.phases)
 
     async def _receive(self, xfer_id: int, reply: PullReply, views: list,
                        abort_fut: asyncio.Future, result: PullResult) -> None:
@@ -320,13 +357,11 @@ class KVReceiver:
         self._copier.close()
 
 
-def _phases(marks: dict[str, float], copied: bool) -> dict[str, float]:
-    """ms per phase: session (plan, connect + handshake the first time), copy (shm:
-    from the peer's mapped memory), request (written), reply (round trip until the
-    reply was seen), receive (UCX messages after the reply)."""
-    order = ["start", "session", "copied", "sent", "reply", "received"]
-    names = ["session", "copy", "request", "reply", "receive"]
-    out = {name: marks[b] - marks[a] for name, a, b in zip(names, order, order[1:])}
-    if not copied:
-        out["request"] += out.pop("copy")
-    return {k: round(v * 1e3, 3) for k, v in out.items()}
+def _phases(marks: dict[str, float]) -> dict[str, float]:
+    """ms per phase, each mark ending the phase it names: session (plan, connect +
+    handshake the first time), copy (shm: from the peer's mapped memory), request
+    (written), reply (round trip until the reply was seen), receive (UCX messages
+    after the reply). A direct pull has session and copy only."""
+    names, times = list(marks), list(marks.values())
+    return {name: round((t - prev) * 1e3, 3)
+            for name, prev, t in zip(names[1:], times, times[1:])}

@@ -7,7 +7,9 @@ also bounds-checks them against registered memory) and pins the lease while it r
 
 With `shm` on, the KV memory is also shared (shm.py) with decode peers on this host:
 for their "shm" pulls the sender only checks and pins the lease; the peer copies, and
-its PullDone (or its connection closing) ends the pin.
+its PullDone (or its connection closing) ends the pin. A peer that saw its lease on
+the lease board (board.py) copies without asking at all and only sends PullDone,
+which says how many blocks it copied (for the send stats).
 """
 
 from __future__ import annotations
@@ -82,6 +84,8 @@ class KVSender:
             self.shared = SharedKV.export(self._regions)
         except OSError as e:
             logger.warning("kvtransfer: KV memory not shareable, same-host pulls use UCX: %s", e)
+        if self.shared is not None:
+            self._leases.board = self.shared.board
 
     def _offer_shm(self, peer_host_id: str) -> dict:
         if self._fd_server is None or not self._host_id or peer_host_id != self._host_id:
@@ -139,6 +143,9 @@ class KVSender:
                 elapsed = asyncio.get_running_loop().time() - read.start
                 self._on_record(SendRecord(read.num_bytes, read.num_blocks, elapsed)
                                 if msg.ok else SendRecord(0, 0, 0.0, "peer_gave_up"))
+            elif msg.ok and msg.num_copied > 0:  # a direct pull, never announced
+                nbytes = msg.num_copied * sum(r.block_bytes for r in self._regions)
+                self._on_record(SendRecord(nbytes, msg.num_copied, 0.0))
         elif isinstance(msg, Release):
             self._leases.release(msg.lease_id, "released")
         elif isinstance(msg, Heartbeat):

@@ -14,13 +14,16 @@ side maps the prefill's KV memory once and copies blocks out of it with numpy.
   straddle the allocation's partial first or last page lie outside the `Window` of
   their region; `split_by_windows` cuts a pull into the pieces the peer copies and the
   pieces (at most those two blocks) the prefill sends over UCX in the same pull.
+  The file ends with the lease board (board.py): one uint64 per block, which the
+  prefill writes through its own read-write mapping of that part.
 - Handshake (handshake.py): shm is offered only after the peer authenticated, and only
   to a peer on the same host (`host_identity`); the offer names an abstract Unix socket
   and a one-time token. `FdServer` passes the memfd with SCM_RIGHTS to a same-uid peer
   that presents the token, once.
 - Decode (`PeerMemory.attach`): receives the fd, checks its size and seals, maps it
   read-only (pages fault in on their first pull; populating up front would allocate
-  the peer's never-written pages), keeps it for the session.
+  the peer's never-written pages), keeps it for the session; `board` reads the
+  peer's lease board.
   `ParallelCopier` copies a pull's (local view, peer view) pairs, splitting large
   copies over a few threads (numpy releases the GIL while it copies).
 
@@ -45,6 +48,7 @@ from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from .board import BoardView, LeaseBoard
 from .memory import KVRegion, Run
 
 PAGE = mmap.PAGESIZE
@@ -154,10 +158,15 @@ def _window(region: KVRegion, pieces: list[tuple[int, int, int]]) -> Window:
 class SharedKV:
     """Prefill side: the KV regions' host memory, moved in place into one sealed memfd."""
 
-    def __init__(self, fd: int, size: int, windows: list[Window]):
+    def __init__(self, fd: int, size: int, windows: list[Window], board_offset: int,
+                 num_blocks: int):
         self.fd = fd
         self.size = size
         self.windows = windows
+        self.board_offset = board_offset
+        self._board_map = mmap.mmap(fd, size - board_offset, mmap.MAP_SHARED,
+                                    mmap.PROT_READ | mmap.PROT_WRITE, offset=board_offset)
+        self.board = LeaseBoard(np.frombuffer(self._board_map, np.uint64, num_blocks))
 
     @classmethod
     def export(cls, regions: Sequence[KVRegion]) -> "SharedKV | None":
@@ -177,6 +186,8 @@ class SharedKV:
                 size += hi - lo
         if not pieces:
             return None
+        num_blocks = regions[0].num_blocks
+        board_offset, size = size, size + -(-8 * num_blocks // PAGE) * PAGE
         fd = os.memfd_create("pdserve-kv", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
         try:
             os.ftruncate(fd, size)
@@ -184,18 +195,20 @@ class SharedKV:
                 _write_all(fd, addr, length, offset)
                 _map_over(addr, length, fd, offset)
             fcntl.fcntl(fd, fcntl.F_ADD_SEALS, _SEALS)
+            return cls(fd, size, [_window(r, pieces) for r in regions], board_offset,
+                       num_blocks)
         except BaseException:
             os.close(fd)
             raise
-        return cls(fd, size, [_window(r, pieces) for r in regions])
 
     def offer(self, socket_name: str, token: str) -> dict[str, Any]:
         """What the handshake tells an eligible peer (covered by the handshake's MAC)."""
         return {"socket": socket_name, "token": token, "size": self.size,
-                "windows": [[w.offset, w.first, w.count] for w in self.windows]}
+                "windows": [[w.offset, w.first, w.count] for w in self.windows],
+                "board": [self.board_offset, len(self.board.cells), self.board.key.hex()]}
 
     def close(self) -> None:
-        """Drop our fd; the mapping under vLLM's tensors stays valid."""
+        """Drop our fd; the mapping under vLLM's tensors (and the board's) stays valid."""
         if self.fd >= 0:
             os.close(self.fd)
             self.fd = -1
@@ -280,9 +293,11 @@ def _receive_fd(name: str, token: str, timeout: float) -> int:
 class PeerMemory:
     """Decode side: a peer's KV memory, mapped read-only for the session."""
 
-    def __init__(self, mapping: mmap.mmap, windows: list[Window], block_bytes: Sequence[int]):
+    def __init__(self, mapping: mmap.mmap, windows: list[Window], block_bytes: Sequence[int],
+                 board: BoardView):
         self._map = mapping
         self.windows = windows
+        self.board = board
         self._block_bytes = list(block_bytes)
         self._can_populate = True
         self._views = [
@@ -301,6 +316,11 @@ class PeerMemory:
         for w, b in zip(windows, block_bytes):
             if min(w.offset, w.first, w.count) < 0 or w.offset + w.count * b > size:
                 raise OSError(f"peer window {w} outside its {size}-byte file")
+        board_offset, num_cells, key = offer["board"]
+        board_offset, num_cells = int(board_offset), int(num_cells)
+        if (min(board_offset, num_cells) < 0 or board_offset % 8
+                or board_offset + 8 * num_cells > size):
+            raise OSError(f"peer lease board outside its {size}-byte file")
         fd = _receive_fd(str(offer["socket"]), str(offer["token"]), timeout)
         try:
             if os.fstat(fd).st_size != size:
@@ -314,7 +334,9 @@ class PeerMemory:
             mapping = mmap.mmap(fd, size, flags=mmap.MAP_SHARED, prot=mmap.PROT_READ)
         finally:
             os.close(fd)
-        return cls(mapping, windows, block_bytes)
+        board = BoardView(np.frombuffer(mapping, np.uint64, num_cells, board_offset),
+                          bytes.fromhex(key))
+        return cls(mapping, windows, block_bytes, board)
 
     def plan(self, runs: Sequence[Run], regions: Sequence[KVRegion],
              ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[int, Run]]] | None:
@@ -346,6 +368,7 @@ class PeerMemory:
 
     def close(self) -> None:
         self._views = []
+        self.board = BoardView(np.zeros(0, np.uint64), b"")
         try:
             self._map.close()
         except BufferError:

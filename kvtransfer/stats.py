@@ -20,6 +20,7 @@ _COUNTERS = (
     "num_pulls", "num_pull_failures", "bytes_received", "blocks_received",
     "num_sends", "num_send_failures", "bytes_sent", "blocks_sent",
     "leases_granted", "leases_released", "leases_expired", "num_pulls_shm",
+    "num_pulls_direct",  # shm pulls without a round trip (a subset of num_pulls_shm)
     # tiers: hits and misses in blocks (a miss: looked up, not found in that tier)
     "dram_hits", "dram_misses", "dram_bytes_loaded", "dram_bytes_stored", "dram_evictions",
     "nvme_hits", "nvme_misses", "nvme_bytes_loaded", "nvme_bytes_stored", "nvme_evictions",
@@ -57,7 +58,8 @@ class PDConnectorStats(KVConnectorStats):
             self.data["bytes_received"] += num_bytes
             self.data["blocks_received"] += num_blocks
             self.data["pull_ms"].append(round(seconds * 1e3, 3))
-            self.data["num_pulls_shm"] += mode == "shm"
+            self.data["num_pulls_shm"] += mode.startswith("shm")
+            self.data["num_pulls_direct"] += mode == "shm-direct"
             _add(self.data["pull_phase_ms"], phases or {})
         else:
             self._fail(reason or "error", "num_pull_failures")
