@@ -88,6 +88,7 @@ def test_pd_output_equals_aggregated(engines, num_tokens):
         "external_hits": before.get("external_hits", 0) + num_tokens,
         "num_pull_failures": before.get("num_pull_failures", 0),
         "num_pulls_shm": before.get("num_pulls_shm", 0) + 1,  # the same-host path
+        "num_pulls_direct": before.get("num_pulls_direct", 0) + 1,  # no round trip
     }
     assert wait_until(lambda: {k: connector(decode).get(k, 0) for k in want} == want, 10), (
         connector(decode))

@@ -10,6 +10,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
+from kvtransfer.board import BoardView, LeaseBoard
 from kvtransfer.compat import KVSpec, check_compatible
 from kvtransfer.config import PDConnectorConfig
 from kvtransfer.errors import BlockRangeError, IncompatiblePeer, LeaseUnavailable
@@ -74,6 +75,29 @@ def test_lease_is_not_freed_under_a_reader():
     leases.end_read("r1")
     assert leases.take_finished() == {"r1"}
     assert leases.num_outstanding == 0
+
+
+def test_lease_board_shows_only_held_leases():
+    leases = LeaseTable()
+    leases.board = LeaseBoard(np.zeros(8, np.uint64))
+    view = BoardView(leases.board.cells, leases.board.key)
+    leases.grant("r1", [1, 2, 3], 30)
+    leases.grant("r2", [3, 4], 30)  # block 3 shared (a prefix): the later grant shows
+    assert view.holds("r1", [1, 2]) and view.holds("r2", [3, 4])
+    assert not view.holds("r1", [2, 3]) and not view.holds("r3", [1])
+    assert not view.holds("r1", [1, 99]) and not view.holds("r1", [-1]) and not view.holds("r1", [])
+    assert not BoardView(leases.board.cells, b"other key").holds("r1", [1])
+    leases.begin_read("r1", [1])
+    leases.release("r1", "done")  # deferred under a reader: still held, still shown
+    assert view.holds("r1", [1, 2])
+    leases.end_read("r1")
+    assert not view.holds("r1", [1]) and view.holds("r2", [3, 4])
+    leases.grant("r2", [5], 30)  # a re-grant replaces the blocks
+    assert not view.holds("r2", [3]) and view.holds("r2", [5])
+    leases.grant("r1", [1], 30)  # leases never come back in vLLM; if they did, the
+    assert view.holds("r1", [1])  # board follows the table
+    leases.release("r2", "released")
+    assert leases.board.cells[[3, 4, 5]].tolist() == [0, 0, 0]
 
 
 def test_read_outside_lease_is_refused():
@@ -169,9 +193,12 @@ def test_pull_moves_blocks_and_releases_lease(pair):
         assert torch.equal(d[[5, 6, 7]], p[[3, 4, 9]])
         assert not d[[0, 1, 2, 8]].any()
     assert wait_finished(prefill)[0] == {"r1"}  # decode's done notice freed the lease
+    assert prefill.leases.num_outstanding == 0
     stats = decode_.get_stats().reduce()
     assert stats["blocks_received"] == 3 and stats["num_pull_failures"] == 0
-    assert stats["num_pulls_shm"] == (decode_.config.shm == "auto")
+    shm = decode_.config.shm == "auto"
+    assert stats["num_pulls_shm"] == stats["num_pulls_direct"] == shm  # no round trip
+    assert prefill.get_stats().data["blocks_sent"] == 3
 
 
 def test_pull_of_tail_after_local_prefix_hit(pair):
@@ -200,6 +227,87 @@ def test_blocks_outside_lease_or_memory_are_refused(pair):
     assert wait_finished(decode_)[2] == {99}
     reasons = decode_.get_stats().data["failures"]
     assert reasons == {"block_range": 2}
+
+
+def _pull_and_stats(decode_, prefill, req: str, lease_id: str, local, remote) -> tuple[set, dict]:
+    load(decode_, prefill, req, lease_id, local, remote)
+    errors = wait_finished(decode_)[2]
+    return errors, decode_.get_stats().data
+
+
+def test_replayed_params_never_read_freed_blocks(pair):
+    """The same kv_transfer_params used twice (a client replay, a proxy retry after an
+    abort): the second pull must not take the lease board's word for a lease that ended."""
+    prefill, _, decode_, _ = pair
+    grant(prefill, "r1", [3, 4])
+    errors, stats = _pull_and_stats(decode_, prefill, "d1", "r1", [5, 6], [3, 4])
+    assert not errors and stats["num_pulls_direct"] == (decode_.config.shm == "auto")
+    assert wait_finished(prefill)[0] == {"r1"}
+    grant(prefill, "other", [3, 4])  # vLLM reused the freed blocks for another request
+    errors, stats = _pull_and_stats(decode_, prefill, "d2", "r1", [7, 8], [3, 4])
+    assert errors == {7, 8} and stats["failures"] == {"lease_unavailable": 1}
+    assert stats["num_pulls_direct"] == 0
+
+
+def test_pull_that_races_its_grant_asks_the_peer(pair):
+    prefill, p_caches, decode_, d_caches = pair
+    load(decode_, prefill, "d1", "r1", local=[5], remote=[3])
+    time.sleep(0.3)  # the pull is waiting for the grant (grant_wait_s)
+    grant(prefill, "r1", [3])
+    assert wait_finished(decode_) == (set(), {"d1"}, set())
+    assert torch.equal(d_caches["layers.1"][5], p_caches["layers.1"][3])
+    stats = decode_.get_stats().data
+    assert stats["num_pulls_shm"] == (decode_.config.shm == "auto")
+    assert stats["num_pulls_direct"] == 0
+
+
+def test_block_shown_under_a_later_lease_is_asked_for():
+    prefill, _ = make_worker(producer=True)
+    decode_, _ = make_worker(producer=False)
+    try:
+        grant(prefill, "r1", [3, 4])
+        grant(prefill, "r2", [4, 5])  # block 4 in both (a shared prefix)
+        errors, stats = _pull_and_stats(decode_, prefill, "d1", "r1", [6, 7], [3, 4])
+        assert not errors and stats["num_pulls_shm"] == 1 and stats["num_pulls_direct"] == 0
+        errors, stats = _pull_and_stats(decode_, prefill, "d2", "r2", [8, 9], [4, 5])
+        assert not errors and stats["num_pulls_direct"] == 1
+    finally:
+        prefill.shutdown()
+        decode_.shutdown()
+
+
+def test_lease_ending_during_a_direct_copy_discards_it():
+    prefill, _ = make_worker(producer=True)
+    decode_, _ = make_worker(producer=False)
+    copier = decode_.receiver._copier
+    real_start = copier.start
+
+    def start_then_expire(pairs):  # the lease ends (as by expiry) while we copy
+        job = real_start(pairs)
+        prefill.leases.release("r1", "expired")
+        return job
+
+    try:
+        grant(prefill, "r1", [3, 4])
+        copier.start = start_then_expire
+        errors, stats = _pull_and_stats(decode_, prefill, "d1", "r1", [6, 7], [3, 4])
+        assert errors == {6, 7} and stats["failures"] == {"lease_unavailable": 1}
+        assert stats["num_pulls_direct"] == 0
+    finally:
+        prefill.shutdown()
+        decode_.shutdown()
+
+
+def test_direct_pulls_can_be_turned_off():
+    prefill, _ = make_worker(producer=True)
+    decode_, _ = make_worker(producer=False, shm_direct=False)
+    try:
+        grant(prefill, "r1", [3])
+        errors, stats = _pull_and_stats(decode_, prefill, "d1", "r1", [6], [3])
+        assert not errors and stats["num_pulls_shm"] == 1 and stats["num_pulls_direct"] == 0
+    finally:
+        prefill.shutdown()
+        decode_.shutdown()
 
 
 def test_expired_lease_frees_blocks_and_refuses_pull(pair):
@@ -471,8 +579,9 @@ def test_pull_between_two_processes(shm):
             assert (t[8] == -1.0).all() and not t[[0, 1, 2, 3, 4, 9]].any()
         stats = decode_.get_stats().data
         assert stats["num_pulls"] == 2
-        assert stats["num_pulls_shm"] == (2 if shm == "auto" else 0)
+        assert stats["num_pulls_shm"] == stats["num_pulls_direct"] == (2 if shm == "auto" else 0)
         assert wait_until_sent(prefill, 2)
+        assert prefill.call("leases") == 0  # both released
     finally:
         decode_.shutdown()
         prefill.stop()

@@ -44,6 +44,9 @@ def _main(conn, extra: dict) -> None:
             stats = worker.get_stats()
             conn.send(stats.data if stats else {})
             continue
+        elif cmd == "leases":
+            conn.send(worker.leases.num_outstanding)
+            continue
         conn.send("ok")
     worker.shutdown()
 
