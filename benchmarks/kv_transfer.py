@@ -1,14 +1,17 @@
 """KV block pull between two processes vs a plain numpy copy, at real block geometry.
 
     python -m benchmarks.kv_transfer [--sizes-mib 1 16 256] [--model pdserve:bench]
+                                     [--shm auto|off] [--direct on|off]
 
 For each size, a prefill-side worker (kvtransfer's PDWorker, producer) holds a lease on
 that many MiB of KV blocks shaped like the engine's paged cache (the model's layers,
 KV heads, head size, block size 32, the CPU layout), and a decode-side worker in
 another process pulls them into its own blocks: control round trip plus data, over
 the same-host shm path (the prefill's KV memory mapped into the decode process) unless
-`--shm off` selects UCX. The same run measures a numpy copy of the same number of
-bytes between two warm buffers.
+`--shm off` selects UCX. Leases are granted as the engine grants them, so shm pulls
+find them on the prefill's lease board and take no round trip ("shm-direct") unless
+`--direct off` makes them ask. The same run measures a numpy copy of the same number
+of bytes between two warm buffers.
 
 Then, for a 2,000-token prompt on the model, it measures the prefill time of a vLLM
 engine and the pull time of that prompt's blocks, and prints their ratio.
@@ -53,13 +56,14 @@ def geometry_of(model_dir: str) -> Geometry:
                     cfg.get("head_dim") or cfg["hidden_size"] // heads)
 
 
-def _make_worker(geo: Geometry, num_blocks: int, producer: bool, shm: str):
+def _make_worker(geo: Geometry, num_blocks: int, producer: bool, shm: str,
+                 direct: bool = True):
     import torch
 
     from kvtransfer.config import PDConnectorConfig
     from kvtransfer.worker import ModelIdentity, PDWorker
 
-    worker = PDWorker(PDConnectorConfig(transport="ucx", shm=shm),
+    worker = PDWorker(PDConnectorConfig(transport="ucx", shm=shm, shm_direct=direct),
                       ModelIdentity("bench", BLOCK_SIZE, geo.num_kv_heads, geo.head_size),
                       is_producer=producer, is_consumer=not producer)
     # Like vLLM 0.32's allocate_kv_cache: one backing allocation, a view per layer.
@@ -113,7 +117,7 @@ def memcpy_seconds(nbytes: int, reps: int) -> float:
 
 
 def bench_pulls(geo: Geometry, block_counts: list[int], reps: int, shm: str,
-                ) -> tuple[dict[int, tuple[float, float]], str]:
+                direct: bool = True) -> tuple[dict[int, tuple[float, float]], str]:
     """blocks -> (median pull seconds, median memcpy seconds of the same bytes), and
     which path the pulls took (with the decode side's copy threads)."""
     max_blocks = max(block_counts)
@@ -125,7 +129,7 @@ def bench_pulls(geo: Geometry, block_counts: list[int], reps: int, shm: str,
     proc.start()
     try:
         port = parent.recv()
-        worker, caches = _make_worker(geo, pool, producer=False, shm=shm)
+        worker, caches = _make_worker(geo, pool, producer=False, shm=shm, direct=direct)
         out, modes = {}, set()
         for nblocks in block_counts:
             blocks = list(range(1, nblocks + 1))
@@ -171,6 +175,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-prefill", action="store_true")
     parser.add_argument("--shm", choices=["auto", "off"], default="auto",
                         help="same-host shm path (auto) or UCX only (off)")
+    parser.add_argument("--direct", choices=["on", "off"], default="on",
+                        help="shm pulls without a round trip when the lease board allows")
     args = parser.parse_args(argv)
 
     from serving.model import resolve_model
@@ -183,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
           f"{geo.block_bytes // 1024} KiB per block (all layers)")
     counts = {mib: -(-mib * MIB // geo.block_bytes) for mib in args.sizes_mib}
     nblocks = -(-args.prompt_tokens // BLOCK_SIZE)
-    timed, path = bench_pulls(geo, sorted(set(counts.values()) | {nblocks}), args.reps, args.shm)
+    timed, path = bench_pulls(geo, sorted(set(counts.values()) | {nblocks}), args.reps,
+                              args.shm, args.direct == "on")
     print(f"pull path: {path}")
     print(f"{'MiB':>6} {'blocks':>6} {'pull GB/s':>10} {'memcpy GB/s':>12} {'ratio':>6}")
     ratios = {}
