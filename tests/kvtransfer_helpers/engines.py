@@ -15,6 +15,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import psutil
+
 CPU_ENV = {
     "VLLM_CPU_KVCACHE_SPACE": "1",
     "VLLM_ENABLE_V1_MULTIPROCESSING": "1",
@@ -92,12 +94,15 @@ class EngineProcess:
         return EngineStats(**self._call("stats"))
 
     def kill(self) -> None:
+        """SIGKILL every process, and return once they are gone (their sockets closed,
+        as a vanished node's are), not while the engine core is still tearing down."""
         for pid in reversed(self.pids):
             try:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         self._proc.join(10)
+        wait_until(lambda: not any(map(_alive, self.pids)), 10, 0.05)
 
     def stop(self) -> None:
         if self._proc.is_alive():
@@ -117,6 +122,13 @@ def _child_main(conn, kwargs: dict[str, Any], env: dict[str, str]) -> None:
     from tests.kvtransfer_helpers.engine_child import serve
 
     asyncio.run(serve(conn, kwargs))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
 
 
 def wait_until(predicate, timeout: float, interval: float = 0.5) -> bool:
