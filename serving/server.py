@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -23,6 +24,24 @@ def _curl_line(host: str, port: int, model: str, api_key: str | None) -> str:
             f"{auth} -d '{body}'")
 
 
+def _free_port(host: str) -> int:
+    with socket.socket() as sock:
+        sock.bind((host, 0))
+        return sock.getsockname()[1]
+
+
+def _direct_ingress(port: int, host: str) -> int:
+    """Serve's direct ingress: the ingress replica itself listens on `port`, so a request
+    skips the HTTP proxy actor's extra process hop (about 6 ms per request and a hop per
+    streamed token, measured here). Serve still runs its proxy; it moves to a free port
+    on `host`. Returns that port. One ingress replica per node (the port range is one
+    port wide)."""
+    os.environ.setdefault("RAY_SERVE_ENABLE_DIRECT_INGRESS", "1")
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_HTTP_PORT", str(port))
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MAX_HTTP_PORT", str(port + 1))
+    return _free_port(host)
+
+
 def serve_foreground(config_path: str, host: str | None = None,
                      port: int | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -36,6 +55,10 @@ def serve_foreground(config_path: str, host: str | None = None,
         for key, value in loopback_env().items():
             os.environ.setdefault(key, value)
         runtime_env["worker_process_setup_hook"] = "serving.loopback.worker_setup"
+    proxy_port = port
+    if os.environ.get("PDSERVE_DIRECT_INGRESS", "1") == "1":
+        port = port or _free_port(host)
+        proxy_port = _direct_ingress(port, host)
 
     import ray
     from ray import serve
@@ -51,7 +74,7 @@ def serve_foreground(config_path: str, host: str | None = None,
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
         signal.signal(sig, lambda *_: stop.set())
     try:
-        serve.start(http_options={"host": host, "port": port}, proxy_location="HeadOnly")
+        serve.start(http_options={"host": host, "port": proxy_port}, proxy_location="HeadOnly")
         serve.run(build_app(config), name="pdserve", route_prefix="/", blocking=False)
         logger.info("pdserve ready in %.1f s on http://%s:%d (model %s)",
                     time.monotonic() - started, host, port, config.model_name)
