@@ -183,6 +183,16 @@ def pair(request):
     decode_.shutdown()
 
 
+@pytest.fixture
+def shm_pair():
+    """Two workers on the same-host shm path (the default), for its own tests."""
+    prefill, _ = make_worker(producer=True)
+    decode_, _ = make_worker(producer=False)
+    yield prefill, decode_
+    prefill.shutdown()
+    decode_.shutdown()
+
+
 def test_pull_moves_blocks_and_releases_lease(pair):
     prefill, p_caches, decode_, d_caches = pair
     grant(prefill, "r1", [3, 4, 9])
@@ -261,24 +271,18 @@ def test_pull_that_races_its_grant_asks_the_peer(pair):
     assert stats["num_pulls_direct"] == 0
 
 
-def test_block_shown_under_a_later_lease_is_asked_for():
-    prefill, _ = make_worker(producer=True)
-    decode_, _ = make_worker(producer=False)
-    try:
-        grant(prefill, "r1", [3, 4])
-        grant(prefill, "r2", [4, 5])  # block 4 in both (a shared prefix)
-        errors, stats = _pull_and_stats(decode_, prefill, "d1", "r1", [6, 7], [3, 4])
-        assert not errors and stats["num_pulls_shm"] == 1 and stats["num_pulls_direct"] == 0
-        errors, stats = _pull_and_stats(decode_, prefill, "d2", "r2", [8, 9], [4, 5])
-        assert not errors and stats["num_pulls_direct"] == 1
-    finally:
-        prefill.shutdown()
-        decode_.shutdown()
+def test_block_shown_under_a_later_lease_is_asked_for(shm_pair):
+    prefill, decode_ = shm_pair
+    grant(prefill, "r1", [3, 4])
+    grant(prefill, "r2", [4, 5])  # block 4 in both (a shared prefix)
+    errors, stats = _pull_and_stats(decode_, prefill, "d1", "r1", [6, 7], [3, 4])
+    assert not errors and stats["num_pulls_shm"] == 1 and stats["num_pulls_direct"] == 0
+    errors, stats = _pull_and_stats(decode_, prefill, "d2", "r2", [8, 9], [4, 5])
+    assert not errors and stats["num_pulls_direct"] == 1
 
 
-def test_lease_ending_during_a_direct_copy_discards_it():
-    prefill, _ = make_worker(producer=True)
-    decode_, _ = make_worker(producer=False)
+def test_lease_ending_during_a_direct_copy_discards_it(shm_pair):
+    prefill, decode_ = shm_pair
     copier = decode_.receiver._copier
     real_start = copier.start
 
@@ -287,15 +291,11 @@ def test_lease_ending_during_a_direct_copy_discards_it():
         prefill.leases.release("r1", "expired")
         return job
 
-    try:
-        grant(prefill, "r1", [3, 4])
-        copier.start = start_then_expire
-        errors, stats = _pull_and_stats(decode_, prefill, "d1", "r1", [6, 7], [3, 4])
-        assert errors == {6, 7} and stats["failures"] == {"lease_unavailable": 1}
-        assert stats["num_pulls_direct"] == 0
-    finally:
-        prefill.shutdown()
-        decode_.shutdown()
+    grant(prefill, "r1", [3, 4])
+    copier.start = start_then_expire
+    errors, stats = _pull_and_stats(decode_, prefill, "d1", "r1", [6, 7], [3, 4])
+    assert errors == {6, 7} and stats["failures"] == {"lease_unavailable": 1}
+    assert stats["num_pulls_direct"] == 0
 
 
 def test_direct_pulls_can_be_turned_off():
@@ -527,9 +527,8 @@ def test_blocks_outside_the_shared_range_come_over_the_transport():
         decode_.shutdown()
 
 
-def test_failed_shm_copy_reports_blocks_and_frees_lease():
-    prefill, _ = make_worker(producer=True)
-    decode_, _ = make_worker(producer=False)
+def test_failed_shm_copy_reports_blocks_and_frees_lease(shm_pair):
+    prefill, decode_ = shm_pair
 
     class BrokenCopy:  # injected fault: the copy dies half way
         def __init__(self, pairs):
@@ -539,19 +538,15 @@ def test_failed_shm_copy_reports_blocks_and_frees_lease():
             np.copyto(*self.pairs[0])
             raise MemoryError("injected copy failure")
 
-    try:
-        grant(prefill, "r1", [3, 4])
-        load(decode_, prefill, "warm", "none", local=[1], remote=[1])  # maps the peer
-        wait_finished(decode_)
-        decode_.receiver._copier.start = BrokenCopy
-        load(decode_, prefill, "d1", "r1", local=[6, 7], remote=[3, 4])
-        _, recving, errors = wait_finished(decode_)
-        assert recving == {"d1"} and errors == {6, 7}
-        assert wait_finished(prefill)[0] == {"r1"}  # unpinned and freed
-        assert prefill.leases.num_outstanding == 0
-    finally:
-        prefill.shutdown()
-        decode_.shutdown()
+    grant(prefill, "r1", [3, 4])
+    load(decode_, prefill, "warm", "none", local=[1], remote=[1])  # maps the peer
+    wait_finished(decode_)
+    decode_.receiver._copier.start = BrokenCopy
+    load(decode_, prefill, "d1", "r1", local=[6, 7], remote=[3, 4])
+    _, recving, errors = wait_finished(decode_)
+    assert recving == {"d1"} and errors == {6, 7}
+    assert wait_finished(prefill)[0] == {"r1"}  # unpinned and freed
+    assert prefill.leases.num_outstanding == 0
 
 
 @pytest.mark.parametrize("shm", ["auto", "off"])
