@@ -89,6 +89,11 @@ class RouterConfig(StrictModel):
         2.0, gt=0, description="A remote prefill that no prefill replica takes within this "
                                "time (the chosen one is gone and no other is up, or all are "
                                "full) is prefilled by the decode replica instead.")
+    direct_calls: bool = Field(
+        True, description="The ingress calls prefill and decode replicas on its own node "
+                          "over a private Unix socket instead of Serve handles (about 4 ms "
+                          "less per call, no Ray hop per streamed token). Pools with an "
+                          "autoscaling_config always take Serve handles.")
     session_header: str = Field(
         "x-session-id", description="Requests with the same value of this header stay on "
                                     "one decode replica.")

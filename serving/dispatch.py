@@ -21,6 +21,7 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from serving.config import AppConfig, Role
+from serving.direct import DirectClients, DirectUnavailable, ReplicaGone
 from serving.engine import ENGINE_SECONDS_KEY
 from serving.errors import OverloadedError
 from serving.head import (Head, decode_body, head_from_prefill, may_answer_head,
@@ -64,8 +65,8 @@ class Dispatch:
 
 def is_replica_death(exc: BaseException) -> bool:
     """The replica's actor died or is unreachable (ActorDiedError and
-    ActorUnavailableError are both RayActorErrors)."""
-    return isinstance(exc, RayActorError)
+    ActorUnavailableError are both RayActorErrors), or its direct socket closed."""
+    return isinstance(exc, (RayActorError, ReplicaGone))
 
 
 class Dispatcher:
@@ -78,6 +79,8 @@ class Dispatcher:
         self.wants_hashes = config.is_disaggregated and config.router.policy == "prefix_aware"
         if config.is_disaggregated and config.router.policy in ("conditional", "prefix_aware"):
             self.tokenizer = _load_tokenizer(config.model)
+        self.direct = (DirectClients() if config.is_disaggregated
+                       and config.router.direct_calls else None)
 
     async def start(self, endpoint: str, body: dict, session: str | None,
                     received: float | None = None) -> Dispatch:
@@ -109,9 +112,11 @@ class Dispatcher:
                             policy_s=route.get("policy_s", 0.0),
                             matched_tokens=(route.get("matched_tokens", 0)
                                             if self.wants_hashes else None))
+        direct = route.get("direct") or {}
         if route["prefill"] is not None:
             started = time.perf_counter()
-            prefilled = await self._prefill(endpoint, body, route["prefill"], answer_head)
+            prefilled = await self._prefill(endpoint, body, route["prefill"], answer_head,
+                                            direct.get("prefill"))
             dispatch.prefill_s = time.perf_counter() - started
             if prefilled is not None:
                 params = prefilled["kv_transfer_params"]
@@ -122,8 +127,8 @@ class Dispatcher:
                 dispatch.prefill_engine_s = prefilled.get(ENGINE_SECONDS_KEY, 0.0)
             else:
                 dispatch.path = "fallback"
-        dispatch.reply = self.engines[Role.DECODE].options(stream=True).generate.remote(
-            endpoint, body, replica_id=route["decode"])
+        dispatch.reply = await self._decode(endpoint, body, route["decode"],
+                                            direct.get("decode"))
         return dispatch
 
     async def on_failure(self, dispatch: Dispatch, exc: BaseException) -> None:
@@ -134,8 +139,21 @@ class Dispatcher:
         pool = Role.DECODE if self.config.is_disaggregated else Role.AGGREGATED
         return await self.engines[pool].models.remote()
 
+    async def _decode(self, endpoint: str, body: dict, replica_id: str,
+                      direct: dict | None) -> Any:
+        """The decode replica's reply stream: over its direct socket when it is on this
+        node, else through its Serve handle."""
+        client = self.direct.get(direct) if self.direct is not None else None
+        if client is not None:
+            try:
+                return await client.stream("generate", endpoint, body)
+            except DirectUnavailable:
+                pass  # not sent
+        return self.engines[Role.DECODE].options(stream=True).generate.remote(
+            endpoint, body, replica_id=replica_id)
+
     async def _prefill(self, endpoint: str, body: dict, replica_id: str,
-                       answer_head: bool) -> dict | None:
+                       answer_head: bool, direct: dict | None) -> dict | None:
         """The remote prefill's reply (with kv_transfer_params), or None to prefill
         locally."""
         request = {k: v for k, v in body.items() if k not in PREFILL_DROPPED_FIELDS}
@@ -143,9 +161,29 @@ class Dispatcher:
                        kv_transfer_params={"do_remote_decode": True})
         if answer_head:
             request.update(prefill_fields(body))
+        try:
+            result = await self._call_prefill(endpoint, request, replica_id, direct)
+        except Exception as exc:
+            logger.warning("prefill on %s failed (%r); prefilling locally", replica_id, exc)
+            if is_replica_death(exc) or isinstance(exc, asyncio.TimeoutError):
+                await self.router.call("mark_failed", replica_id)
+            return None
+        if "error" in result or not result.get("kv_transfer_params"):
+            return None  # the decode replica will answer the same request (or error)
+        return result
+
+    async def _call_prefill(self, endpoint: str, request: dict, replica_id: str,
+                            direct: dict | None) -> dict:
+        limits = self.config.router
+        client = self.direct.get(direct) if self.direct is not None else None
+        if client is not None:
+            try:
+                return await asyncio.wait_for(client.call("prefill", endpoint, request),
+                                              limits.prefill_timeout_s)
+            except DirectUnavailable:
+                pass  # not sent
         reply = self.engines[Role.PREFILL].prefill.remote(endpoint, request,
                                                           replica_id=replica_id)
-        limits = self.config.router
         started = time.monotonic()
         try:
             # Two waits: for a replica to take the call (Serve queues it while the pool
@@ -154,17 +192,11 @@ class Dispatcher:
             assigned = await asyncio.wait_for(reply._to_object_ref(),
                                               min(limits.prefill_assign_timeout_s,
                                                   limits.prefill_timeout_s))
-            result = await asyncio.wait_for(
+            return await asyncio.wait_for(
                 assigned, limits.prefill_timeout_s - (time.monotonic() - started))
-        except Exception as exc:
+        except BaseException:
             reply.cancel()
-            logger.warning("prefill on %s failed (%r); prefilling locally", replica_id, exc)
-            if is_replica_death(exc) or isinstance(exc, asyncio.TimeoutError):
-                await self.router.call("mark_failed", replica_id)
-            return None
-        if "error" in result or not result.get("kv_transfer_params"):
-            return None  # the decode replica will answer the same request (or error)
-        return result
+            raise
 
     async def _prompt_blocks(self, body: dict, token_ids: list[int] | None
                              ) -> tuple[int, tuple[bytes, ...]]:

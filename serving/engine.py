@@ -19,6 +19,7 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from serving.config import AppConfig, PoolConfig, Role
+from serving.direct import DirectServer
 from serving.metrics import KVTransferTotals
 from serving.model import resolve_model
 from serving.prefix import RESYNC, TIER_KEYS, HashSpec, HeldBlocks
@@ -139,6 +140,7 @@ class EngineServer:
         self._tracks_blocks = pool.kv_connector.get("tiers") is not None
         logger.info("engine %s (%s) ready in %.1f s", self.replica_id, self.role.value,
                     self.started_s)
+        self._direct = self._direct_server(pool)
         self._router = RouterClient(router) if router is not None else None
         self._reporter = (asyncio.get_running_loop().create_task(self._report_load())
                           if router is not None else None)
@@ -181,6 +183,20 @@ class EngineServer:
         reply[ENGINE_SECONDS_KEY] = time.perf_counter() - started
         return reply
 
+    def _direct_server(self, pool: PoolConfig) -> DirectServer | None:
+        """The same-node socket the ingress calls instead of this replica's Serve handle
+        (serving/direct.py): P/D pools of a fixed size, unless configured off. An
+        autoscaled pool takes every call through Serve, whose autoscaler counts them."""
+        if (self.role not in KV_ROLES or not self.config.router.direct_calls
+                or pool.autoscaling_config is not None):
+            return None
+        import ray
+
+        server = DirectServer({"prefill": self.prefill}, {"generate": self.generate})
+        self._direct_endpoint = {"node": ray.get_runtime_context().get_node_id(),
+                                 "address": server.address}
+        return server
+
     async def models(self) -> dict:
         listing = await self.state.openai_serving_models.show_available_models()
         return listing.model_dump()
@@ -192,6 +208,8 @@ class EngineServer:
                  "counters": dict(self.load.counters), "hash_spec": self.hash_spec}
         if self.role in KV_ROLES:
             stats["kv_transfer"] = self.load.kv_transfer.as_dict()
+        if self._direct is not None:
+            stats["direct"] = self._direct_endpoint
         return stats
 
     async def check_health(self) -> None:
@@ -221,6 +239,9 @@ class EngineServer:
             await asyncio.sleep(REPORT_INTERVAL_S)
 
     def __del__(self) -> None:
+        direct = getattr(self, "_direct", None)
+        if direct is not None:
+            direct.close()  # callers in flight see the socket close, as a replica death
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()

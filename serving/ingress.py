@@ -21,6 +21,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.config import AppConfig, Role
+from serving.direct import ReplicaGone
 from serving.dispatch import Dispatch, Dispatcher
 from serving.errors import (AuthenticationError, BadRequestError, NotFoundError,
                             OverloadedError, RequestTooLargeError, ServingError,
@@ -262,7 +263,7 @@ def _unwrap(exc: BaseException) -> BaseException:
         return cause
     from ray.exceptions import ActorDiedError, ActorUnavailableError
 
-    if isinstance(exc, (ActorDiedError, ActorUnavailableError)):
+    if isinstance(exc, (ActorDiedError, ActorUnavailableError, ReplicaGone)):
         return OverloadedError("the engine replica serving this request went away")
     return exc
 

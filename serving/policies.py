@@ -25,6 +25,7 @@ class ReplicaLoad:
     counters: dict[str, int] = field(default_factory=dict)
     block_hashes: AbstractSet[bytes] = frozenset()  # KV blocks its tiers hold (prefix_aware)
     kv_transfer: dict | None = None  # serving.metrics.KVTransferTotals.as_dict()
+    direct: dict | None = None  # {"node", "address"} of its serving.direct socket
 
     @property
     def queue(self) -> int:

@@ -61,7 +61,8 @@ class Router:
             replica_id=replica_id, role=stats["role"], num_running=stats["num_running"],
             num_waiting=stats["num_waiting"], kv_cache_usage=stats["kv_cache_usage"],
             reported_at=now, counters=dict(stats.get("counters") or {}),
-            block_hashes=self.blocks.get(replica_id), kv_transfer=stats.get("kv_transfer"))
+            block_hashes=self.blocks.get(replica_id), kv_transfer=stats.get("kv_transfer"),
+            direct=stats.get("direct"))
         return None if in_sync else {RESYNC: True}
 
     def hash_spec(self) -> dict | None:
@@ -80,7 +81,7 @@ class Router:
         out = []
         for load in self._live():
             row = {f.name: getattr(load, f.name) for f in fields(load)
-                   if f.name != "block_hashes"}
+                   if f.name not in ("block_hashes", "direct")}
             row["num_blocks_held"] = len(load.block_hashes)
             out.append(row)
         return out
@@ -89,7 +90,8 @@ class Router:
                may_disaggregate: bool = True, block_hashes: tuple[bytes, ...] = (),
                block_size: int = 32) -> dict:
         """Pick {"decode": id, "prefill": id or None, "reason": ..., "matched_tokens": n,
-        "policy_s": seconds the policy took} for one request; `block_hashes` are the
+        "policy_s": seconds the policy took, "direct": {role: the replica's
+        serving.direct endpoint or None}} for one request; `block_hashes` are the
         prompt's (prefix_aware).
 
         Raises LookupError when no decode replica is live.
@@ -109,8 +111,12 @@ class Router:
         self.replicas[decode_id].num_waiting += 1
         if route.prefill is not None:
             self.replicas[route.prefill].num_waiting += 1
+        direct = {"decode": self.replicas[decode_id].direct,
+                  "prefill": (self.replicas[route.prefill].direct
+                              if route.prefill is not None else None)}
         return {"decode": decode_id, "prefill": route.prefill, "reason": route.reason,
-                "matched_tokens": route.matched_tokens, "policy_s": policy_s}
+                "matched_tokens": route.matched_tokens, "policy_s": policy_s,
+                "direct": direct}
 
     def _sticky(self, session: str | None, chosen: str, live_decode: set[str]) -> str:
         if session is None:

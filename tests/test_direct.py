@@ -1,0 +1,190 @@
+"""serving.direct: the ingress's same-node calls to engine replicas over ZeroMQ."""
+
+from __future__ import annotations
+
+import asyncio
+import multiprocessing as mp
+import os
+import stat
+
+import pytest
+
+from serving.direct import (DirectClient, DirectServer, DirectUnavailable, RemoteError,
+                            ReplicaGone)
+from serving.errors import BadRequestError
+
+
+class Replica:
+    """Stands in for EngineServer's methods: the calls' own behaviour, real sockets."""
+
+    def __init__(self) -> None:
+        self.closed_streams = 0
+        self.release = asyncio.Event()
+
+    async def prefill(self, endpoint: str, body: dict) -> dict:
+        if body.get("fail") == "bad":
+            raise BadRequestError("prompt: too long", param="prompt")
+        if body.get("fail") == "crash":
+            raise KeyError("oops")
+        if body.get("wait"):
+            await self.release.wait()
+        return {"endpoint": endpoint, "echo": body, "ids": [1, 2, 3]}
+
+    async def generate(self, endpoint: str, body: dict):
+        try:
+            for i in range(body["n"]):
+                if body.get("wait") and i == 1:
+                    await self.release.wait()
+                yield f"data: {i}\n\n"
+            if body.get("then_fail"):
+                raise BadRequestError("late refusal")
+        finally:
+            self.closed_streams += 1
+
+
+def _server(replica: Replica) -> DirectServer:
+    return DirectServer({"prefill": replica.prefill}, {"generate": replica.generate})
+
+
+def test_unary_and_stream_round_trip():
+    async def main():
+        replica = Replica()
+        server = _server(replica)
+        client = DirectClient(server.address)
+        try:
+            body = {"prompt": [1, 2, 3], "nested": {"a": None, "b": 1.5}}
+            assert await client.call("prefill", "completions", body) == {
+                "endpoint": "completions", "echo": body, "ids": [1, 2, 3]}
+            events = [e async for e in await client.stream("generate", "chat", {"n": 3})]
+            assert events == ["data: 0\n\n", "data: 1\n\n", "data: 2\n\n"]
+            # concurrent calls on one connection keep their own replies
+            replies = await asyncio.gather(*(client.call("prefill", "completions", {"i": i})
+                                             for i in range(20)))
+            assert [r["echo"]["i"] for r in replies] == list(range(20))
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_socket_is_private_to_the_user():
+    async def main():
+        server = _server(Replica())
+        try:
+            path = server.address.removeprefix("ipc://")
+            assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+        finally:
+            server.close()
+        assert not os.path.exists(os.path.dirname(path))
+
+    asyncio.run(main())
+
+
+def test_errors_cross_as_client_errors_or_failures():
+    async def main():
+        server = _server(Replica())
+        client = DirectClient(server.address)
+        try:
+            with pytest.raises(RemoteError) as err:
+                await client.call("prefill", "completions", {"fail": "bad"})
+            assert (err.value.status, err.value.type, err.value.param) == (
+                400, "BadRequestError", "prompt")
+            with pytest.raises(RuntimeError, match="KeyError"):
+                await client.call("prefill", "completions", {"fail": "crash"})
+            with pytest.raises(RuntimeError, match="no method"):
+                await client.call("nope")
+            stream = await client.stream("generate", "completions", {"n": 1, "then_fail": 1})
+            assert await stream.__anext__() == "data: 0\n\n"
+            with pytest.raises(RemoteError, match="late refusal"):
+                await stream.__anext__()
+            # the connection still serves after errors
+            assert (await client.call("prefill", "x", {}))["endpoint"] == "x"
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(main())
+
+
+def test_cancel_stops_the_replica_side():
+    async def main():
+        replica = Replica()
+        server = _server(replica)
+        client = DirectClient(server.address)
+        try:
+            stream = await client.stream("generate", "completions", {"n": 5, "wait": True})
+            assert await stream.__anext__() == "data: 0\n\n"
+            stream.cancel()
+            for _ in range(100):
+                if replica.closed_streams:
+                    break
+                await asyncio.sleep(0.01)
+            assert replica.closed_streams == 1 and not server._calls
+            call = asyncio.create_task(client.call("prefill", "c", {"wait": True}))
+            await asyncio.sleep(0.05)
+            call.cancel()
+            for _ in range(100):
+                if not server._calls:
+                    break
+                await asyncio.sleep(0.01)
+            assert not server._calls
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(main())
+
+
+def _serve_in_child(conn) -> None:
+    async def main():
+        replica = Replica()
+        server = _server(replica)
+        conn.send(server.address)
+        await asyncio.Event().wait()
+
+    asyncio.run(main())
+
+
+def test_a_dead_replica_fails_calls_in_flight_and_refuses_new_ones():
+    ctx = mp.get_context("spawn")
+    parent, child = ctx.Pipe()
+    proc = ctx.Process(target=_serve_in_child, args=(child,), daemon=True)
+    proc.start()
+    try:
+        address = parent.recv()
+
+        async def main():
+            client = DirectClient(address)
+            try:
+                assert (await client.call("prefill", "c", {}))["endpoint"] == "c"
+                stream = await client.stream("generate", "c", {"n": 3, "wait": True})
+                call = asyncio.create_task(client.call("prefill", "c", {"wait": True}))
+                assert await stream.__anext__() == "data: 0\n\n"
+                proc.kill()
+                with pytest.raises(ReplicaGone):
+                    await asyncio.wait_for(call, 5)
+                with pytest.raises(ReplicaGone):
+                    await asyncio.wait_for(stream.__anext__(), 5)
+                assert client.broken
+                with pytest.raises(DirectUnavailable):
+                    await client.call("prefill", "c", {})
+            finally:
+                client.close()
+
+        asyncio.run(main())
+    finally:
+        proc.kill()
+        proc.join()
+
+
+def test_no_listener_is_unavailable_not_a_hang(tmp_path):
+    async def main():
+        client = DirectClient(f"ipc://{tmp_path}/none.sock")
+        try:
+            with pytest.raises(DirectUnavailable):
+                await asyncio.wait_for(client.call("prefill", "c", {}), 5)
+        finally:
+            client.close()
+
+    asyncio.run(main())
