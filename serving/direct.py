@@ -24,11 +24,12 @@ call in flight on it fails with `ReplicaGone`, as a Serve call fails with
 from __future__ import annotations
 
 import asyncio
+import inspect
 import itertools
 import logging
 import shutil
 import tempfile
-from typing import Any, AsyncIterator, Awaitable, Callable
+from typing import Any, AsyncIterator, Callable
 
 import msgspec
 import zmq
@@ -53,7 +54,8 @@ class ReplicaGone(Exception):
 
 
 class RemoteError(ServingError):
-    """A client error the replica answered (4xx), as the caller should pass it on."""
+    """An error the callee answered as a client-facing one (a ServingError or a
+    validation error there), as the caller should pass it on."""
 
     def __init__(self, status: int, err_type: str, message: str, param: str | None):
         super().__init__(message, param=param)
@@ -65,9 +67,10 @@ class _CallerGone(Exception):
 
 
 class DirectServer:
-    """Serves an engine replica's `unary` coroutines and `streams` async generators."""
+    """Serves `unary` functions (plain or coroutine) and `streams` (async generators) of
+    an actor, on its event loop."""
 
-    def __init__(self, unary: dict[str, Callable[..., Awaitable[Any]]],
+    def __init__(self, unary: dict[str, Callable[..., Any]],
                  streams: dict[str, Callable[..., AsyncIterator[Any]]]):
         self._unary, self._streams = unary, streams
         self._dir = tempfile.mkdtemp(prefix="pdserve-")  # mode 0700
@@ -97,7 +100,10 @@ class DirectServer:
         try:
             args = _decode(payload)
             if method in self._unary:
-                self._send(key, RESULT, await self._unary[method](*args))
+                result = self._unary[method](*args)
+                if inspect.isawaitable(result):
+                    result = await result
+                self._send(key, RESULT, result)
             elif method in self._streams:
                 items = self._streams[method](*args)
                 try:
@@ -288,7 +294,7 @@ def _send_now(sock: zmq.asyncio.Socket, frames: list[bytes]) -> None:
 def _value_or_raise(kind: bytes, value: Any) -> Any:
     if kind != ERROR:
         return value
-    if value.get("code", 500) < 500:
+    if value.get("code", 500) != 500:
         raise RemoteError(value["code"], value["type"], value["message"], value.get("param"))
     raise RuntimeError(f"engine replica failed: {value['message']}")
 

@@ -15,7 +15,7 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from ray.exceptions import RayActorError
@@ -23,7 +23,6 @@ from ray.exceptions import RayActorError
 from serving.config import AppConfig, Role
 from serving.direct import DirectClients, DirectUnavailable, ReplicaGone
 from serving.engine import ENGINE_SECONDS_KEY
-from serving.errors import OverloadedError
 from serving.head import (Head, decode_body, head_from_prefill, may_answer_head,
                           prefill_fields)
 from serving.prefix import HashSpec, PromptHasher
@@ -49,6 +48,7 @@ class Dispatch:
     prefill_s: float = 0.0  # the remote prefill as the ingress saw it
     prefill_engine_s: float = 0.0  # ... and inside the prefill replica
     head: Head | None = None  # the first token, from the prefill's reply (head.py)
+    channels: dict[str, str] = field(default_factory=dict)  # pool -> direct | serve
 
     def server_timing(self) -> str:
         """A Server-Timing header value (milliseconds), for clients and benchmarks."""
@@ -70,7 +70,10 @@ def is_replica_death(exc: BaseException) -> bool:
 
 
 class Dispatcher:
-    def __init__(self, config: AppConfig, router: RouterClient, engines: dict[Role, Any]):
+    def __init__(self, config: AppConfig, router: RouterClient, engines: dict[Role, Any],
+                 direct: DirectClients | None = None):
+        """`direct`: clients for same-node engine replicas (serving.direct), or None to
+        call every replica through its Serve handle."""
         self.config = config
         self.router = router
         self.engines = engines
@@ -79,8 +82,7 @@ class Dispatcher:
         self.wants_hashes = config.is_disaggregated and config.router.policy == "prefix_aware"
         if config.is_disaggregated and config.router.policy in ("conditional", "prefix_aware"):
             self.tokenizer = _load_tokenizer(config.model)
-        self.direct = (DirectClients() if config.is_disaggregated
-                       and config.router.direct_calls else None)
+        self.direct = direct
 
     async def start(self, endpoint: str, body: dict, session: str | None,
                     received: float | None = None) -> Dispatch:
@@ -101,11 +103,8 @@ class Dispatcher:
                 body["request_id"] = body.get("request_id") or uuid.uuid4().hex
         block_size = self.hasher.spec.block_size if self.hasher is not None else 32
         started = time.perf_counter()
-        try:
-            route = await self.router.call("assign", num_tokens, session,
-                                           may_disaggregate, hashes, block_size)
-        except LookupError as exc:
-            raise OverloadedError("no decode replica is available") from exc
+        route = await self.router.call("assign", num_tokens, session, may_disaggregate,
+                                       hashes, block_size)  # OverloadedError: no decode
         dispatch = Dispatch(None, "local", route["reason"], route["decode"],
                             ingress_s=started - received if received else 0.0,
                             route_s=time.perf_counter() - started,
@@ -116,7 +115,7 @@ class Dispatcher:
         if route["prefill"] is not None:
             started = time.perf_counter()
             prefilled = await self._prefill(endpoint, body, route["prefill"], answer_head,
-                                            direct.get("prefill"))
+                                            direct.get("prefill"), dispatch.channels)
             dispatch.prefill_s = time.perf_counter() - started
             if prefilled is not None:
                 params = prefilled["kv_transfer_params"]
@@ -127,8 +126,8 @@ class Dispatcher:
                 dispatch.prefill_engine_s = prefilled.get(ENGINE_SECONDS_KEY, 0.0)
             else:
                 dispatch.path = "fallback"
-        dispatch.reply = await self._decode(endpoint, body, route["decode"],
-                                            direct.get("decode"))
+        dispatch.reply, dispatch.channels["decode"] = await self._decode(
+            endpoint, body, route["decode"], direct.get("decode"))
         return dispatch
 
     async def on_failure(self, dispatch: Dispatch, exc: BaseException) -> None:
@@ -140,20 +139,21 @@ class Dispatcher:
         return await self.engines[pool].models.remote()
 
     async def _decode(self, endpoint: str, body: dict, replica_id: str,
-                      direct: dict | None) -> Any:
-        """The decode replica's reply stream: over its direct socket when it is on this
-        node, else through its Serve handle."""
+                      direct: dict | None) -> tuple[Any, str]:
+        """The decode replica's reply stream and its channel: its direct socket when it
+        is on this node, else its Serve handle."""
         client = self.direct.get(direct) if self.direct is not None else None
         if client is not None:
             try:
-                return await client.stream("generate", endpoint, body)
+                return await client.stream("generate", endpoint, body), "direct"
             except DirectUnavailable:
                 pass  # not sent
         return self.engines[Role.DECODE].options(stream=True).generate.remote(
-            endpoint, body, replica_id=replica_id)
+            endpoint, body, replica_id=replica_id), "serve"
 
     async def _prefill(self, endpoint: str, body: dict, replica_id: str,
-                       answer_head: bool, direct: dict | None) -> dict | None:
+                       answer_head: bool, direct: dict | None,
+                       channels: dict[str, str]) -> dict | None:
         """The remote prefill's reply (with kv_transfer_params), or None to prefill
         locally."""
         request = {k: v for k, v in body.items() if k not in PREFILL_DROPPED_FIELDS}
@@ -162,7 +162,8 @@ class Dispatcher:
         if answer_head:
             request.update(prefill_fields(body))
         try:
-            result = await self._call_prefill(endpoint, request, replica_id, direct)
+            result = await self._call_prefill(endpoint, request, replica_id, direct,
+                                              channels)
         except Exception as exc:
             logger.warning("prefill on %s failed (%r); prefilling locally", replica_id, exc)
             if is_replica_death(exc) or isinstance(exc, asyncio.TimeoutError):
@@ -173,15 +174,17 @@ class Dispatcher:
         return result
 
     async def _call_prefill(self, endpoint: str, request: dict, replica_id: str,
-                            direct: dict | None) -> dict:
+                            direct: dict | None, channels: dict[str, str]) -> dict:
         limits = self.config.router
         client = self.direct.get(direct) if self.direct is not None else None
         if client is not None:
+            channels["prefill"] = "direct"
             try:
                 return await asyncio.wait_for(client.call("prefill", endpoint, request),
                                               limits.prefill_timeout_s)
             except DirectUnavailable:
                 pass  # not sent
+        channels["prefill"] = "serve"
         reply = self.engines[Role.PREFILL].prefill.remote(endpoint, request,
                                                           replica_id=replica_id)
         started = time.monotonic()

@@ -21,7 +21,7 @@ from ray import serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serving.config import AppConfig, Role
-from serving.direct import ReplicaGone
+from serving.direct import DirectClients, ReplicaGone
 from serving.dispatch import Dispatch, Dispatcher
 from serving.errors import (AuthenticationError, BadRequestError, NotFoundError,
                             OverloadedError, RequestTooLargeError, ServingError,
@@ -55,10 +55,13 @@ class OpenAIIngress:
     def __init__(self, config: dict, router: Any, aggregated: Any = None, prefill: Any = None,
                  decode: Any = None):
         self.config = AppConfig.model_validate(config)
-        self.router = RouterClient(router)
+        direct = (DirectClients() if self.config.is_disaggregated
+                  and self.config.router.direct_calls else None)
+        self.router = RouterClient(router, direct)
         engines = {Role.AGGREGATED: aggregated, Role.PREFILL: prefill, Role.DECODE: decode}
         self.dispatcher = Dispatcher(self.config, self.router,
-                                     {k: v for k, v in engines.items() if v is not None})
+                                     {k: v for k, v in engines.items() if v is not None},
+                                     direct)
         self.metrics = ServingMetrics()
         self.api_key = self.config.resolved_api_key()
         self._models: dict | None = None
@@ -114,6 +117,8 @@ class OpenAIIngress:
             timer.path = dispatch.path
             self.metrics.decisions.labels(dispatch.path, dispatch.reason).inc()
             self._observe_route(dispatch)
+            for pool, channel in dispatch.channels.items():
+                self.metrics.engine_calls.labels(pool, channel).inc()
             if dispatch.prefill_s:
                 self.metrics.prefill_seconds.labels("call").observe(dispatch.prefill_s)
             if dispatch.prefill_engine_s:

@@ -73,6 +73,10 @@ class ServingMetrics:
             "pdserve_router_decision_seconds",
             "Routing decision time: 'assign' as the ingress saw the router call, "
             "'policy' inside the router.", ["scope"], buckets=ROUTE_BUCKETS, registry=reg)
+        self.engine_calls = Counter(
+            "pdserve_engine_calls", "Calls from the ingress to P/D engine replicas, by "
+            "pool and channel: 'direct' (same-node socket) or 'serve' (Serve handle).",
+            ["pool", "channel"], registry=reg)
         self.blocks_held = Gauge("pdserve_replica_tier_blocks",
                                  "KV blocks each replica's tiers hold, as the router "
                                  "knows them (prefix_aware).", labels, registry=reg)

@@ -27,11 +27,14 @@ from ray import serve
 from ray.exceptions import RayActorError
 
 from serving.config import RouterConfig
+from serving.direct import DirectClients, DirectServer, DirectUnavailable, ReplicaGone
+from serving.errors import OverloadedError
 from serving.policies import ReplicaLoad, RouteRequest, make_policy
 from serving.prefix import RESYNC, BlockSets
 
 STALE_AFTER_S = 5.0
 MAX_SESSIONS = 100_000
+DIRECT_METHODS = ("assign", "mark_failed", "snapshot", "hash_spec", "report")
 
 
 class Router:
@@ -43,6 +46,7 @@ class Router:
         self.sessions: OrderedDict[str, str] = OrderedDict()
         self.blocks = BlockSets()
         self._hash_spec: dict | None = None
+        self._direct: DirectServer | None = None
 
     def report(self, stats: dict) -> dict | None:
         """Called by each engine replica with its `EngineServer.stats()`; answers
@@ -94,13 +98,13 @@ class Router:
         serving.direct endpoint or None}} for one request; `block_hashes` are the
         prompt's (prefix_aware).
 
-        Raises LookupError when no decode replica is live.
+        Raises OverloadedError when no decode replica is live.
         """
         live = self._live()
         prefill = [r for r in live if r.role == "prefill"]
         decode = [r for r in live if r.role == "decode"]
         if not decode:
-            raise LookupError("no live decode replica")
+            raise OverloadedError("no decode replica is available")
         started = time.perf_counter()
         route = self.policy.route(RouteRequest(num_prompt_tokens, session, may_disaggregate,
                                                tuple(block_hashes), block_size),
@@ -117,6 +121,16 @@ class Router:
         return {"decode": decode_id, "prefill": route.prefill, "reason": route.reason,
                 "matched_tokens": route.matched_tokens, "policy_s": policy_s,
                 "direct": direct}
+
+    async def direct_endpoint(self) -> dict:
+        """This actor's serving.direct socket (started on first ask, on the actor's
+        event loop, where Ray runs every method of an actor with an async one): the
+        ingress calls `assign` there, about 2 ms less per request than a Ray call."""
+        if self._direct is None:
+            self._direct = DirectServer({name: getattr(self, name) for name in DIRECT_METHODS},
+                                        {})
+        return {"node": ray.get_runtime_context().get_node_id(),
+                "address": self._direct.address}
 
     def _sticky(self, session: str | None, chosen: str, live_decode: set[str]) -> str:
         if session is None:
@@ -153,20 +167,33 @@ class RouterHost:
 
 
 class RouterClient:
-    """Calls the router actor, given the Serve handle of the `Router` deployment."""
+    """Calls the router actor, given the Serve handle of the `Router` deployment; with
+    `direct` (the ingress's clients), over the actor's direct socket when it is on this
+    node."""
 
-    def __init__(self, host: serve.handle.DeploymentHandle) -> None:
+    def __init__(self, host: serve.handle.DeploymentHandle,
+                 direct: DirectClients | None = None) -> None:
         self._host = host
         self._actor: ray.actor.ActorHandle | None = None
+        self._direct = direct
+        self._endpoint: dict | None = None
 
-    async def call(self, method: str, *args, **kwargs):
-        """`Router.<method>(*args, **kwargs)`; its exceptions propagate as they are."""
+    async def call(self, method: str, *args):
+        """`Router.<method>(*args)`; its exceptions propagate as they are."""
         for attempt in range(2):
             if self._actor is None:
                 self._actor = await self._host.actor_handle.remote()
+                if self._direct is not None:
+                    self._endpoint = await self._actor.direct_endpoint.remote()
+            client = self._direct.get(self._endpoint) if self._direct is not None else None
             try:
-                return await getattr(self._actor, method).remote(*args, **kwargs)
-            except RayActorError:  # ActorDiedError, ActorUnavailableError included
+                if client is not None:
+                    try:
+                        return await client.call(method, *args)
+                    except DirectUnavailable:
+                        pass  # not sent
+                return await getattr(self._actor, method).remote(*args)
+            except (RayActorError, ReplicaGone):  # ActorDiedError, ActorUnavailableError
                 self._actor = None  # the host replica is being replaced; ask it again
                 if attempt:
                     raise

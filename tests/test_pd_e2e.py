@@ -59,6 +59,8 @@ def metric(server, name: str, **labels) -> float:
 
 
 def test_pd_output_equals_aggregated_and_decode_loaded_the_prompt(pd_server, reference):
+    direct_before = {pool: metric(pd_server, "pdserve_engine_calls_total", pool=pool,
+                                  channel="direct") for pool in ("prefill", "decode")}
     for req, expected in zip(REQUESTS, reference):
         remote_before = metric(pd_server, "pdserve_router_decisions_total", decision="remote")
         hits_before = _decode_prompt_hits(pd_server)
@@ -74,6 +76,10 @@ def test_pd_output_equals_aggregated_and_decode_loaded_the_prompt(pd_server, ref
         # prefix with each other).
         num_prompt = len(expected["prompt_token_ids"])
         _wait_for(lambda: _decode_prompt_hits(pd_server) - hits_before >= num_prompt - 1)
+    # Both calls of each request took the same-node socket, not Serve handles.
+    for pool, before in direct_before.items():
+        assert metric(pd_server, "pdserve_engine_calls_total", pool=pool,
+                      channel="direct") == before + len(REQUESTS), pool
 
 
 def test_pd_streaming_equals_aggregated(pd_server, reference):

@@ -3,6 +3,7 @@
 import pytest
 
 from serving.config import RouterConfig
+from serving.errors import OverloadedError
 from serving.policies import ReplicaLoad, RouteRequest, make_policy
 from serving.router import Router
 
@@ -69,7 +70,7 @@ def test_failed_replica_is_skipped_until_it_reports_again(monkeypatch):
     assert (route["decode"], route["prefill"], route["reason"]) == ("d1", None,
                                                                     "local_no_prefill")
     router.mark_failed("d1")
-    with pytest.raises(LookupError):
+    with pytest.raises(OverloadedError):
         router.assign(1000)
 
 
