@@ -80,8 +80,11 @@ class Dispatcher:
         self.tokenizer = None
         self.hasher: PromptHasher | None = None
         self.wants_hashes = config.is_disaggregated and config.router.policy == "prefix_aware"
+        self.max_token_bytes: int | None = None
         if config.is_disaggregated and config.router.policy in ("conditional", "prefix_aware"):
             self.tokenizer = _load_tokenizer(config.model)
+            self.max_token_bytes = max(len(token.encode())
+                                       for token in self.tokenizer.get_vocab())
         self.direct = direct
 
     async def start(self, endpoint: str, body: dict, session: str | None,
@@ -94,13 +97,12 @@ class Dispatcher:
         may_disaggregate = _may_disaggregate(body)
         token_ids = self._prompt_token_ids(endpoint, body)
         num_tokens, hashes = await self._prompt_blocks(body, token_ids)
-        answer_head = False
         if token_ids is not None and may_disaggregate and _may_send_token_ids(endpoint, body):
             # Tokenized here already: the prefill and decode replicas skip it.
             body = {**body, "prompt": token_ids}
-            answer_head = may_answer_head(endpoint, body)
-            if answer_head:  # one response id from both replicas
-                body["request_id"] = body.get("request_id") or uuid.uuid4().hex
+        answer_head = may_disaggregate and may_answer_head(endpoint, body)
+        if answer_head:  # one response id from both replicas
+            body = {**body, "request_id": body.get("request_id") or uuid.uuid4().hex}
         block_size = self.hasher.spec.block_size if self.hasher is not None else 32
         started = time.perf_counter()
         route = await self.router.call("assign", num_tokens, session, may_disaggregate,
@@ -119,6 +121,7 @@ class Dispatcher:
             dispatch.prefill_s = time.perf_counter() - started
             if prefilled is not None:
                 params = prefilled["kv_transfer_params"]
+                body = _with_prompt_ids(endpoint, body, prefilled)
                 dispatch.head = head_from_prefill(body, prefilled) if answer_head else None
                 body = (decode_body(body, dispatch.head, params) if dispatch.head
                         else {**body, "kv_transfer_params": params})
@@ -161,6 +164,8 @@ class Dispatcher:
                        kv_transfer_params={"do_remote_decode": True})
         if answer_head:
             request.update(prefill_fields(body))
+        elif endpoint == "completions":  # its prompt's token ids, for the decode request
+            request["return_token_ids"] = True
         try:
             result = await self._call_prefill(endpoint, request, replica_id, direct,
                                               channels)
@@ -206,7 +211,8 @@ class Dispatcher:
         """Prompt length for the policy (exact with a tokenizer, else estimated) and,
         for prefix_aware, the prompt's block hashes as the engines compute them."""
         if token_ids is None:
-            return len(str(body.get("prompt") or body.get("messages") or "")) // 4, ()
+            text = str(body.get("prompt") or body.get("messages") or "")
+            return max(len(text) // 4, self._fewest_tokens(text)), ()
         if not self.wants_hashes:
             return len(token_ids), ()
         if self.hasher is None:
@@ -218,7 +224,11 @@ class Dispatcher:
 
     def _prompt_token_ids(self, endpoint: str, body: dict) -> list[int] | None:
         """The prompt's token ids as vLLM's OpenAI layer makes them (chat: the model's
-        chat template, no special tokens added; completions: the tokenizer's BOS)."""
+        chat template, no special tokens added; completions: the tokenizer's BOS), when
+        the policy needs them: prefix_aware hashes them; conditional needs the exact
+        length only of a prompt that may be short enough to prefill locally. Otherwise
+        the prefill replica tokenizes (in its engine time, as an aggregated engine
+        does) and returns the ids for the decode request."""
         if self.tokenizer is None:
             return None
         try:
@@ -226,16 +236,28 @@ class Dispatcher:
                 text = self.tokenizer.apply_chat_template(
                     body["messages"], tokenize=False,
                     add_generation_prompt=body.get("add_generation_prompt", True))
-                return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-            prompt = body["prompt"]
-            if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
-                return prompt
-            if isinstance(prompt, list) and len(prompt) == 1:
-                prompt = prompt[0]
-            text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
-            return self.tokenizer(text)["input_ids"]
+                special = False
+            else:
+                prompt = body["prompt"]
+                if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+                    return prompt
+                if isinstance(prompt, list) and len(prompt) == 1:
+                    prompt = prompt[0]
+                text = prompt if isinstance(prompt, str) else " ".join(map(str, prompt))
+                special = True
+            if (not self.wants_hashes and self._fewest_tokens(text)
+                    > self.config.router.local_prefill_max_tokens):
+                return None  # surely remote: the length need not be exact
+            return self.tokenizer(text, add_special_tokens=special)["input_ids"]
         except Exception:  # an odd but valid prompt shape: estimate
             return None
+
+    def _fewest_tokens(self, text: str) -> int:
+        """A lower bound of the text's token count: no token covers more UTF-8 bytes
+        than the longest entry of the vocabulary has."""
+        if self.max_token_bytes is None:
+            return 0
+        return len(text.encode()) // self.max_token_bytes
 
 
 def _may_disaggregate(body: dict) -> bool:
@@ -255,6 +277,25 @@ def _may_send_token_ids(endpoint: str, body: dict) -> bool:
     return (endpoint == "completions" and isinstance(prompt, str)
             and body.get("add_special_tokens", True) is True
             and body.get("truncate_prompt_tokens") is None)
+
+
+def _with_prompt_ids(endpoint: str, body: dict, prefilled: dict) -> dict:
+    """The request with its text prompt replaced by the token ids the prefill replica
+    made of it (`return_token_ids`), so the decode replica does not tokenize again.
+    They are what the client's prompt and options (special tokens, truncation) give,
+    so the decode request computes the same."""
+    if endpoint != "completions" or _is_token_ids(body.get("prompt")):
+        return body
+    try:
+        (choice,) = prefilled["choices"]
+        ids = choice["prompt_token_ids"]
+    except (KeyError, TypeError, ValueError):
+        return body
+    return {**body, "prompt": list(ids)} if _is_token_ids(ids) else body
+
+
+def _is_token_ids(prompt: Any) -> bool:
+    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
 
 
 def _load_tokenizer(model: str) -> Any:

@@ -9,8 +9,8 @@ once and asks the decode replica to continue from prompt + that token: its conne
 pulls the prompt's blocks (the connector loads no more than the peer computed), it
 computes the one new position and samples the second token.
 
-Which completions qualify (`may_answer_head`): a token-id prompt the ingress made, one
-sequence, and sampling that sees only the prompt-plus-output token sequence: no seed
+Which completions qualify (`may_answer_head`): one prompt (text, which the prefill
+replica tokenizes and returns as token ids, or token ids), one sequence, and sampling that sees only the prompt-plus-output token sequence: no seed
 with temperature > 0 (a seeded decode would draw the second token from a fresh
 generator), no presence or frequency penalty (they count output tokens only), no stop
 strings (one could span the first two tokens), no logprobs, no structured output, and at
@@ -59,9 +59,9 @@ class Head:
 
 
 def may_answer_head(endpoint: str, body: dict) -> bool:
-    """A completion (prompt already token ids) whose first token may come from the
-    prefill replica; see the module docstring."""
-    if endpoint != "completions" or not _is_token_ids(body.get("prompt")):
+    """A completion whose first token may come from the prefill replica; see the module
+    docstring."""
+    if endpoint != "completions" or not _is_one_prompt(body.get("prompt")):
         return False
     for key, value in body.items():
         if key in OFF_VALUES:
@@ -85,14 +85,16 @@ def prefill_fields(body: dict) -> dict:
 
 
 def head_from_prefill(body: dict, reply: dict) -> Head | None:
-    """The first token to send, or None when the decode replica should sample it."""
+    """The first token to send, or None when the decode replica should sample it.
+    `body["prompt"]` is token ids by now: the prefill's, if the client sent text."""
     try:
         (choice,) = reply["choices"]
         (token_id,) = choice["token_ids"]
         text = choice["text"]
     except (KeyError, TypeError, ValueError):
         return None
-    if choice.get("finish_reason") != "length" or not text or "\ufffd" in text:
+    if (choice.get("finish_reason") != "length" or not text or "\ufffd" in text
+            or not _is_token_ids(body.get("prompt"))):
         return None
     return Head(token_id=int(token_id), text=text, response_id=reply["id"],
                 created=int(reply["created"]), model=reply["model"],
@@ -161,6 +163,12 @@ def _shift_usage(usage: dict | None) -> bool:
     usage["prompt_tokens"] -= 1
     usage["completion_tokens"] = (usage.get("completion_tokens") or 0) + 1
     return True
+
+
+def _is_one_prompt(prompt) -> bool:
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    return isinstance(prompt, str) or _is_token_ids(prompt)
 
 
 def _is_token_ids(prompt) -> bool:

@@ -44,9 +44,29 @@ def test_anything_else_keeps_the_decode_replica_sampling_the_first_token(extra):
     assert not may_answer_head("completions", {**BODY, **extra})
 
 
-def test_only_token_id_completion_prompts_qualify():
-    assert not may_answer_head("completions", {**BODY, "prompt": "text"})
+def test_only_single_prompt_completions_qualify():
+    assert may_answer_head("completions", {**BODY, "prompt": "text"})
+    assert may_answer_head("completions", {**BODY, "prompt": ["text"]})
+    assert not may_answer_head("completions", {**BODY, "prompt": ["a", "b"]})
+    assert not may_answer_head("completions", {**BODY, "prompt": [[1, 2], [3]]})
     assert not may_answer_head("chat", {**BODY, "messages": [], "prompt": PROMPT})
+
+
+def test_a_text_prompt_continues_from_the_prefills_token_ids():
+    """The prefill replica tokenized the text and returned the ids (return_token_ids);
+    the decode request carries them, so the head needs them in the body."""
+    from serving.dispatch import _with_prompt_ids
+
+    text_body = {**BODY, "prompt": "text"}
+    reply = prefill_reply()
+    assert head_from_prefill(text_body, reply) is None  # no ids: the decode samples
+    reply["choices"][0]["prompt_token_ids"] = PROMPT
+    body = _with_prompt_ids("completions", text_body, reply)
+    assert body["prompt"] == PROMPT and text_body["prompt"] == "text"
+    assert decode_body(body, head_from_prefill(body, reply), {})["prompt"] == [*PROMPT, 42]
+    assert _with_prompt_ids("chat", text_body, reply) is text_body
+    del reply["choices"][0]["prompt_token_ids"]
+    assert _with_prompt_ids("completions", text_body, reply) is text_body
 
 
 @pytest.mark.parametrize("reply", [
