@@ -1,24 +1,27 @@
-"""Same-node calls from the ingress to an engine replica that skip Serve's handles.
+"""Same-node calls from the ingress to the router actor and engine replicas that skip
+Ray: Serve handles and actor calls.
 
 A Serve handle call costs about 4 ms on a loaded 2-core box (the caller's request
-router, the replica's queue bookkeeping, Ray's task hops) and a streamed reply pays a
-Ray hop per token. A P/D request makes two such calls on its way to the first token's
-successors, so an engine replica of a fixed-size P/D pool also listens on a ZeroMQ
-ROUTER socket, a Unix socket in a private directory (mode 0700: only this user's
-processes can connect), and reports its address and node with its load; the router
-hands both out with each assignment and the ingress on that node calls the replica
-there. The ingress on another node, an autoscaled pool (Serve's autoscaler counts the
-requests its handles route), or a socket that does not take the call, uses the Serve
-handle as before.
+router, the replica's queue bookkeeping, Ray's task hops), a Ray actor call 1-3 ms, and
+a streamed reply pays a Ray hop per token. A P/D request makes three such calls before
+its first token (router, prefill, decode), so the router actor and each engine replica
+of a fixed-size P/D pool also listen on a ZeroMQ ROUTER socket, a Unix socket in a
+private directory (mode 0700: only this user's processes can connect), and tell their
+address and node: engines with their load reports, which the router hands out with
+each assignment, the router when the ingress asks for its handle. The ingress on that
+node calls them there. The ingress on another node, an autoscaled pool (Serve's
+autoscaler counts the requests its handles route), or a socket that does not take the
+call, goes through Ray as before.
 
-Wire format, msgpack frames. Caller -> replica: [call id, method, (args)], or
-[call id, b"", b""] to cancel. Replica -> caller: [call id, kind, payload], kind one of
+Wire format, msgpack frames. Caller -> callee: [call id, method, (args)], or
+[call id, b"", b""] to cancel. Callee -> caller: [call id, kind, payload], kind one of
 RESULT (a unary call's value), ITEM (a stream's next item), END (a stream is over),
-ERROR (`{"status", "type", "message", "param"}`).
+ERROR (an OpenAI error body's `error`: message, type, param, code).
 
-The caller watches its connection: a replica that dies closes the socket, and every
-call in flight on it fails with `ReplicaGone`, as a Serve call fails with
-`ActorDiedError`.
+The caller watches its connection: a callee that dies closes the socket, and every
+call in flight on it fails with `ReplicaGone`, as a Ray call fails with
+`ActorDiedError`. Calls in flight when a replica stops (a redeploy) end the same way:
+Serve's graceful shutdown waits only for the requests its handles routed.
 """
 
 from __future__ import annotations
@@ -74,7 +77,8 @@ class DirectServer:
                  streams: dict[str, Callable[..., AsyncIterator[Any]]]):
         self._unary, self._streams = unary, streams
         self._dir = tempfile.mkdtemp(prefix="pdserve-")  # mode 0700
-        self.address = f"ipc://{self._dir}/engine.sock"
+        self.address = f"ipc://{self._dir}/calls.sock"
+        self._loop = asyncio.get_running_loop()
         self._ctx = zmq.asyncio.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.ROUTER_MANDATORY, 1)  # a vanished caller: stop its call
@@ -83,11 +87,15 @@ class DirectServer:
         self._sock.setsockopt(zmq.LINGER, 0)
         self._sock.bind(self.address)
         self._calls: dict[tuple[bytes, bytes], asyncio.Task] = {}
-        self._loop_task = asyncio.get_running_loop().create_task(self._serve())
+        self._loop_task = self._loop.create_task(self._serve())
 
     async def _serve(self) -> None:
         while True:
-            caller, call_id, method, payload = await self._sock.recv_multipart()
+            frames = await self._sock.recv_multipart()
+            if len(frames) != 4:
+                logger.warning("direct call with %d frames dropped", len(frames))
+                continue
+            caller, call_id, method, payload = frames
             key = (caller, call_id)
             if not method:
                 task = self._calls.get(key)
@@ -137,12 +145,22 @@ class DirectServer:
             raise _CallerGone(str(exc)) from exc
 
     def close(self) -> None:
+        """Stop serving; callable from any thread (a replica's destructor)."""
+        shutil.rmtree(self._dir, ignore_errors=True)
+        try:
+            on_loop = asyncio.get_running_loop() is self._loop
+        except RuntimeError:
+            on_loop = False
+        if on_loop:
+            self._close()
+        elif not self._loop.is_closed():
+            self._loop.call_soon_threadsafe(self._close)
+
+    def _close(self) -> None:
         self._loop_task.cancel()
         for task in list(self._calls.values()):
             task.cancel()
         self._sock.close(linger=0)
-        self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class DirectClient:
