@@ -287,9 +287,15 @@ def _request_id(request: Request) -> str:
 
 def ingress_deployment() -> serve.Deployment:
     deployment = serve.deployment(serve.ingress(app)(OpenAIIngress))
+    # The request handlers run on the replica's own event loop, where Serve's HTTP
+    # server receives the request, not on a second loop in a second thread: no thread
+    # hop per ASGI message (about 1 ms less per request here). Nothing here blocks for
+    # long; the engines, whose replicas do, keep Serve's default.
+    env = {"RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0"}
     return deployment.options(name="OpenAIIngress", num_replicas=1,
                               max_ongoing_requests=1000,
-                              ray_actor_options={"num_cpus": 0})
+                              ray_actor_options={"num_cpus": 0,
+                                                 "runtime_env": {"env_vars": env}})
 
 
 __all__ = ["OpenAIIngress", "ServingError", "ingress_deployment"]
