@@ -20,8 +20,8 @@ ERROR (an OpenAI error body's `error`: message, type, param, code).
 
 The caller watches its connection: a callee that dies closes the socket, and every
 call in flight on it fails with `ReplicaGone`, as a Ray call fails with
-`ActorDiedError`. Calls in flight when a replica stops (a redeploy) end the same way:
-Serve's graceful shutdown waits only for the requests its handles routed.
+`ActorDiedError`. Serve's graceful shutdown of a replica waits only for the requests
+its handles routed; a stopping engine replica drains its direct calls itself.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ import itertools
 import logging
 import shutil
 import tempfile
+import time
 from typing import Any, AsyncIterator, Callable
 
 import msgspec
@@ -143,6 +144,14 @@ class DirectServer:
             _send_now(self._sock, [key[0], key[1], kind, _encode(value)])
         except zmq.ZMQError as exc:  # EHOSTUNREACH (ROUTER_MANDATORY): the caller is gone
             raise _CallerGone(str(exc)) from exc
+
+    async def drain(self, timeout_s: float) -> int:
+        """Wait up to `timeout_s` for the calls in flight to end (new ones are still
+        served: the caller stops sending them). Returns how many are left."""
+        deadline = time.monotonic() + timeout_s
+        while self._calls and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return len(self._calls)
 
     def close(self) -> None:
         """Stop serving; callable from any thread (a replica's destructor)."""

@@ -34,6 +34,8 @@ REPORT_INTERVAL_S = 0.5
 HEARTBEAT_S = 2.0
 # Key a prefill replica adds to its reply: seconds the request spent in this replica.
 ENGINE_SECONDS_KEY = "pdserve_engine_seconds"
+GRACEFUL_SHUTDOWN_S = 5.0  # Serve's limit for a stopping replica's requests and __del__
+DIRECT_DRAIN_S = GRACEFUL_SHUTDOWN_S - 1.5  # ... of which direct calls get this much
 
 
 def _kv_transfer_config(pool: PoolConfig, role: Role) -> Any:
@@ -238,10 +240,26 @@ class EngineServer:
                     logger.debug("load report failed", exc_info=True)
             await asyncio.sleep(REPORT_INTERVAL_S)
 
-    def __del__(self) -> None:
+    async def __del__(self) -> None:
+        """Serve awaits this when it stops the replica (it takes an async __del__), after
+        the requests its handles routed here are done. Those over the direct socket are
+        not among them: the router stops assigning this replica, and calls in flight get
+        up to DIRECT_DRAIN_S; callers of any left then see the socket close, as a
+        replica death."""
         direct = getattr(self, "_direct", None)
         if direct is not None:
-            direct.close()  # callers in flight see the socket close, as a replica death
+            if self._reporter is not None:
+                self._reporter.cancel()  # a later report would make it assignable again
+            if self._router is not None:
+                try:
+                    await asyncio.wait_for(self._router.call("mark_failed", self.replica_id),
+                                           1.0)
+                except Exception:
+                    logger.warning("could not take %s off the router", self.replica_id)
+            left = await direct.drain(DIRECT_DRAIN_S)
+            if left:
+                logger.warning("stopping with %d direct calls in flight", left)
+            direct.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
@@ -265,7 +283,7 @@ def engine_deployment(pool: PoolConfig, role: Role, name: str) -> serve.Deployme
         "name": name, "ray_actor_options": actor_options,
         "max_ongoing_requests": pool.max_ongoing_requests,
         "health_check_period_s": 10, "health_check_timeout_s": 30,
-        "graceful_shutdown_timeout_s": 5,
+        "graceful_shutdown_timeout_s": GRACEFUL_SHUTDOWN_S,
     }
     if role in KV_ROLES:
         from ray.serve.config import RequestRouterConfig

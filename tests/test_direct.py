@@ -136,6 +136,32 @@ def test_cancel_stops_the_replica_side():
     asyncio.run(main())
 
 
+def test_drain_waits_for_calls_in_flight():
+    async def main():
+        replica = Replica()
+        server = _server(replica)
+        client = DirectClient(server.address)
+        try:
+            assert await server.drain(5) == 0  # nothing in flight: at once
+            stream = await client.stream("generate", "completions", {"n": 3, "wait": True})
+            assert await stream.__anext__() == "data: 0\n\n"
+            asyncio.get_running_loop().call_later(0.3, replica.release.set)
+            assert await server.drain(5) == 0
+            assert [e async for e in stream] == ["data: 1\n\n", "data: 2\n\n"]
+            replica.release.clear()
+            call = asyncio.create_task(client.call("prefill", "c", {"wait": True}))
+            await asyncio.sleep(0.05)
+            assert await server.drain(0.2) == 1  # the caller then sees the socket close
+            server.close()
+            with pytest.raises(ReplicaGone):
+                await asyncio.wait_for(call, 5)
+        finally:
+            client.close()
+            server.close()
+
+    asyncio.run(main())
+
+
 def _serve_in_child(conn) -> None:
     async def main():
         replica = Replica()
