@@ -478,6 +478,51 @@ def test_shared_kv_keeps_tensors_and_peer_sees_owner_writes():
         shared.close()
 
 
+class _CountingMap:
+    """A mapping that records its MADV_POPULATE_READ ranges (and does them)."""
+
+    def __init__(self, mapping):
+        self._map = mapping
+        self.populated: list[tuple[int, int]] = []
+
+    def madvise(self, option: int, start: int, length: int) -> None:
+        self.populated.append((start, length))
+        self._map.madvise(option, start, length)
+
+    def close(self) -> None:
+        self._map.close()
+
+
+def test_peer_blocks_are_populated_once_per_session():
+    caches = _numbered_caches()
+    regions, _ = regions_from_kv_caches(caches, NUM_BLOCKS)
+    shared = SharedKV.export(regions)
+    try:
+        peer = asyncio.run(_attach(shared, [r.block_bytes for r in regions]))
+        counting = peer._map = _CountingMap(peer._map)
+        first = max(w.first for w in shared.windows)
+        local = {name: torch.zeros_like(t) for name, t in caches.items()}
+        local_regions, _ = regions_from_kv_caches(local, NUM_BLOCKS)
+        peer.plan([Run(first, 0, 2)], local_regions)
+        assert len(counting.populated) == len(regions)
+        peer.plan([Run(first, 3, 2)], local_regions)  # same peer blocks, other local ones
+        assert len(counting.populated) == len(regions)
+        counting.populated.clear()
+        pairs, _ = peer.plan([Run(first, 0, 4)], local_regions)  # two of them new
+        expected = []
+        for w, r in zip(shared.windows, regions):
+            offset = w.offset + (first + 2 - w.first) * r.block_bytes
+            page = offset // PAGE * PAGE
+            expected.append((page, offset + 2 * r.block_bytes - page))
+        assert counting.populated == expected
+        ParallelCopier(1).copy(pairs)
+        for name, t in caches.items():
+            assert torch.equal(local[name][:4], t[first:first + 4])
+        peer.close()
+    finally:
+        shared.close()
+
+
 def test_blocks_straddling_a_partial_page_are_not_shared():
     caches = _mid_page_caches()
     regions, _ = regions_from_kv_caches(caches, NUM_BLOCKS)
