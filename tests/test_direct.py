@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import multiprocessing as mp
 import os
 import stat
@@ -46,12 +47,21 @@ def _server(replica: Replica) -> DirectServer:
     return DirectServer({"prefill": replica.prefill}, {"generate": replica.generate})
 
 
+@contextlib.asynccontextmanager
+async def connected(replica: Replica):
+    server = _server(replica)
+    client = DirectClient(server.address)
+    try:
+        yield server, client
+    finally:
+        client.close()
+        server.close()
+
+
 def test_unary_and_stream_round_trip():
     async def main():
         replica = Replica()
-        server = _server(replica)
-        client = DirectClient(server.address)
-        try:
+        async with connected(replica) as (server, client):
             body = {"prompt": [1, 2, 3], "nested": {"a": None, "b": 1.5}}
             assert await client.call("prefill", "completions", body) == {
                 "endpoint": "completions", "echo": body, "ids": [1, 2, 3]}
@@ -61,9 +71,6 @@ def test_unary_and_stream_round_trip():
             replies = await asyncio.gather(*(client.call("prefill", "completions", {"i": i})
                                              for i in range(20)))
             assert [r["echo"]["i"] for r in replies] == list(range(20))
-        finally:
-            client.close()
-            server.close()
 
     asyncio.run(main())
 
@@ -83,9 +90,7 @@ def test_socket_is_private_to_the_user():
 
 def test_errors_cross_as_client_errors_or_failures():
     async def main():
-        server = _server(Replica())
-        client = DirectClient(server.address)
-        try:
+        async with connected(Replica()) as (server, client):
             with pytest.raises(RemoteError) as err:
                 await client.call("prefill", "completions", {"fail": "bad"})
             assert (err.value.status, err.value.type, err.value.param) == (
@@ -100,9 +105,6 @@ def test_errors_cross_as_client_errors_or_failures():
                 await stream.__anext__()
             # the connection still serves after errors
             assert (await client.call("prefill", "x", {}))["endpoint"] == "x"
-        finally:
-            client.close()
-            server.close()
 
     asyncio.run(main())
 
@@ -110,9 +112,7 @@ def test_errors_cross_as_client_errors_or_failures():
 def test_cancel_stops_the_replica_side():
     async def main():
         replica = Replica()
-        server = _server(replica)
-        client = DirectClient(server.address)
-        try:
+        async with connected(replica) as (server, client):
             stream = await client.stream("generate", "completions", {"n": 5, "wait": True})
             assert await stream.__anext__() == "data: 0\n\n"
             stream.cancel()
@@ -129,9 +129,6 @@ def test_cancel_stops_the_replica_side():
                     break
                 await asyncio.sleep(0.01)
             assert not server._calls
-        finally:
-            client.close()
-            server.close()
 
     asyncio.run(main())
 
@@ -139,9 +136,7 @@ def test_cancel_stops_the_replica_side():
 def test_drain_waits_for_calls_in_flight():
     async def main():
         replica = Replica()
-        server = _server(replica)
-        client = DirectClient(server.address)
-        try:
+        async with connected(replica) as (server, client):
             assert await server.drain(5) == 0  # nothing in flight: at once
             stream = await client.stream("generate", "completions", {"n": 3, "wait": True})
             assert await stream.__anext__() == "data: 0\n\n"
@@ -155,9 +150,6 @@ def test_drain_waits_for_calls_in_flight():
             server.close()
             with pytest.raises(ReplicaGone):
                 await asyncio.wait_for(call, 5)
-        finally:
-            client.close()
-            server.close()
 
     asyncio.run(main())
 
