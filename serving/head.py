@@ -9,12 +9,13 @@ once and asks the decode replica to continue from prompt + that token: its conne
 pulls the prompt's blocks (the connector loads no more than the peer computed), it
 computes the one new position and samples the second token.
 
-Which completions qualify (`may_answer_head`): one prompt (text, which the prefill
-replica tokenizes and returns as token ids, or token ids), one sequence, and sampling that sees only the prompt-plus-output token sequence: no seed
-with temperature > 0 (a seeded decode would draw the second token from a fresh
-generator), no presence or frequency penalty (they count output tokens only), no stop
-strings (one could span the first two tokens), no logprobs, no structured output, and at
-least two tokens to make. Anything not listed keeps vLLM's convention.
+Which completions qualify (`may_answer_head`): one prompt (token ids, or text, which
+the prefill replica tokenizes and returns as ids), one sequence, and sampling that sees
+only the prompt-plus-output token sequence: no seed with temperature > 0 (a seeded
+decode would draw the second token from a fresh generator), no presence or frequency
+penalty (they count output tokens only), no stop strings (one could span the first two
+tokens), no logprobs, no structured output, and at least two tokens to make. Anything
+not listed keeps vLLM's convention.
 
 Which first tokens are sent (`head_from_prefill`): one the prefill stopped on for length
 (a stop token or EOS ends the request: vLLM's convention answers it), whose text is
