@@ -21,10 +21,10 @@ from typing import Any
 from ray.exceptions import RayActorError
 
 from serving.config import AppConfig, Role
-from serving.direct import DirectClients, DirectUnavailable, ReplicaGone
+from serving.direct import DirectClient, DirectClients, DirectUnavailable, ReplicaGone
 from serving.engine import ENGINE_SECONDS_KEY
-from serving.head import (Head, decode_body, head_from_prefill, may_answer_head,
-                          prefill_fields)
+from serving.head import (Head, decode_body, head_from_prefill, is_token_ids,
+                          may_answer_head, prefill_fields)
 from serving.prefix import HashSpec, PromptHasher
 from serving.router import RouterClient
 
@@ -141,11 +141,14 @@ class Dispatcher:
         pool = Role.DECODE if self.config.is_disaggregated else Role.AGGREGATED
         return await self.engines[pool].models.remote()
 
+    def _direct_client(self, endpoint: dict | None) -> DirectClient | None:
+        return self.direct.get(endpoint) if self.direct is not None else None
+
     async def _decode(self, endpoint: str, body: dict, replica_id: str,
                       direct: dict | None) -> tuple[Any, str]:
         """The decode replica's reply stream and its channel: its direct socket when it
         is on this node, else its Serve handle."""
-        client = self.direct.get(direct) if self.direct is not None else None
+        client = self._direct_client(direct)
         if client is not None:
             try:
                 return await client.stream("generate", endpoint, body), "direct"
@@ -164,8 +167,8 @@ class Dispatcher:
                        kv_transfer_params={"do_remote_decode": True})
         if answer_head:
             request.update(prefill_fields(body))
-        elif endpoint == "completions":  # its prompt's token ids, for the decode request
-            request["return_token_ids"] = True
+        elif endpoint == "completions" and not is_token_ids(body.get("prompt")):
+            request["return_token_ids"] = True  # the ids it makes, for the decode request
         try:
             result = await self._call_prefill(endpoint, request, replica_id, direct,
                                               channels)
@@ -181,7 +184,7 @@ class Dispatcher:
     async def _call_prefill(self, endpoint: str, request: dict, replica_id: str,
                             direct: dict | None, channels: dict[str, str]) -> dict:
         limits = self.config.router
-        client = self.direct.get(direct) if self.direct is not None else None
+        client = self._direct_client(direct)
         if client is not None:
             channels["prefill"] = "direct"
             try:
@@ -239,7 +242,7 @@ class Dispatcher:
                 special = False
             else:
                 prompt = body["prompt"]
-                if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+                if is_token_ids(prompt):
                     return prompt
                 if isinstance(prompt, list) and len(prompt) == 1:
                     prompt = prompt[0]
@@ -284,18 +287,14 @@ def _with_prompt_ids(endpoint: str, body: dict, prefilled: dict) -> dict:
     made of it (`return_token_ids`), so the decode replica does not tokenize again.
     They are what the client's prompt and options (special tokens, truncation) give,
     so the decode request computes the same."""
-    if endpoint != "completions" or _is_token_ids(body.get("prompt")):
+    if endpoint != "completions" or is_token_ids(body.get("prompt")):
         return body
     try:
         (choice,) = prefilled["choices"]
         ids = choice["prompt_token_ids"]
     except (KeyError, TypeError, ValueError):
         return body
-    return {**body, "prompt": list(ids)} if _is_token_ids(ids) else body
-
-
-def _is_token_ids(prompt: Any) -> bool:
-    return isinstance(prompt, list) and bool(prompt) and isinstance(prompt[0], int)
+    return {**body, "prompt": list(ids)} if is_token_ids(ids) else body
 
 
 def _load_tokenizer(model: str) -> Any:

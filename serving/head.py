@@ -95,7 +95,7 @@ def head_from_prefill(body: dict, reply: dict) -> Head | None:
     except (KeyError, TypeError, ValueError):
         return None
     if (choice.get("finish_reason") != "length" or not text or "\ufffd" in text
-            or not _is_token_ids(body.get("prompt"))):
+            or not is_token_ids(body.get("prompt"))):
         return None
     return Head(token_id=int(token_id), text=text, response_id=reply["id"],
                 created=int(reply["created"]), model=reply["model"],
@@ -169,9 +169,10 @@ def _shift_usage(usage: dict | None) -> bool:
 def _is_one_prompt(prompt) -> bool:
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
         prompt = prompt[0]
-    return isinstance(prompt, str) or _is_token_ids(prompt)
+    return isinstance(prompt, str) or is_token_ids(prompt)
 
 
-def _is_token_ids(prompt) -> bool:
+def is_token_ids(prompt) -> bool:
+    """A prompt given as token ids (a non-empty list of ints), not text."""
     return (isinstance(prompt, list) and bool(prompt)
             and all(isinstance(t, int) for t in prompt[:1]))
