@@ -6,7 +6,8 @@ replica computes the prompt's KV (`max_tokens=1`, `do_remote_decode`) and return
 `kv_transfer_params`, which ride verbatim on the decode request so its connector pulls
 the blocks. A prefill that fails, dies or times out costs nothing but time: the decode
 replica prefills locally. Most completions take the prefill's first token as theirs
-(head.py): the decode request continues after it.
+(head.py): the decode request continues after it, and is sent only once that token is
+on its way to the client (`DeferredReply`).
 """
 
 from __future__ import annotations
@@ -15,8 +16,8 @@ import asyncio
 import logging
 import time
 import uuid
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Awaitable, Callable
 
 from ray.exceptions import RayActorError
 
@@ -48,7 +49,6 @@ class Dispatch:
     prefill_s: float = 0.0  # the remote prefill as the ingress saw it
     prefill_engine_s: float = 0.0  # ... and inside the prefill replica
     head: Head | None = None  # the first token, from the prefill's reply (head.py)
-    channels: dict[str, str] = field(default_factory=dict)  # pool -> direct | serve
 
     def server_timing(self) -> str:
         """A Server-Timing header value (milliseconds), for clients and benchmarks."""
@@ -69,12 +69,43 @@ def is_replica_death(exc: BaseException) -> bool:
     return isinstance(exc, (RayActorError, ReplicaGone))
 
 
+class DeferredReply:
+    """A decode reply stream whose call is made at its first read. After a first token
+    from the prefill, the ingress sends that token before it reads on, so the decode
+    replica and its engine wake up (and take the CPU) after the token left, not while
+    it is being sent. Same interface as a Serve streaming response: async iteration and
+    `cancel()`."""
+
+    def __init__(self, start: Callable[[], Awaitable[Any]]):
+        self._start: Callable[[], Awaitable[Any]] | None = start
+        self._reply: Any = None
+
+    def __aiter__(self) -> "DeferredReply":
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._reply is None:
+            if self._start is None:  # cancelled before the call was made
+                raise StopAsyncIteration
+            start, self._start = self._start, None
+            self._reply = await start()
+        return await self._reply.__anext__()
+
+    def cancel(self) -> None:
+        self._start = None
+        if self._reply is not None:
+            self._reply.cancel()
+
+
 class Dispatcher:
     def __init__(self, config: AppConfig, router: RouterClient, engines: dict[Role, Any],
-                 direct: DirectClients | None = None):
+                 direct: DirectClients | None = None,
+                 count_call: Callable[[str, str], None] | None = None):
         """`direct`: clients for same-node engine replicas (serving.direct), or None to
-        call every replica through its Serve handle."""
+        call every replica through its Serve handle. `count_call(pool, channel)` is told
+        of each call to a prefill or decode replica (channel: direct | serve)."""
         self.config = config
+        self.count_call = count_call or (lambda pool, channel: None)
         self.router = router
         self.engines = engines
         self.tokenizer = None
@@ -117,7 +148,7 @@ class Dispatcher:
         if route["prefill"] is not None:
             started = time.perf_counter()
             prefilled = await self._prefill(endpoint, body, route["prefill"], answer_head,
-                                            direct.get("prefill"), dispatch.channels)
+                                            direct.get("prefill"))
             dispatch.prefill_s = time.perf_counter() - started
             if prefilled is not None:
                 params = prefilled["kv_transfer_params"]
@@ -129,8 +160,10 @@ class Dispatcher:
                 dispatch.prefill_engine_s = prefilled.get(ENGINE_SECONDS_KEY, 0.0)
             else:
                 dispatch.path = "fallback"
-        dispatch.reply, dispatch.channels["decode"] = await self._decode(
-            endpoint, body, route["decode"], direct.get("decode"))
+        start_decode = lambda: self._decode(endpoint, body, route["decode"],  # noqa: E731
+                                            direct.get("decode"))
+        dispatch.reply = (DeferredReply(start_decode) if dispatch.head is not None
+                          else await start_decode())
         return dispatch
 
     async def on_failure(self, dispatch: Dispatch, exc: BaseException) -> None:
@@ -145,21 +178,23 @@ class Dispatcher:
         return self.direct.get(endpoint) if self.direct is not None else None
 
     async def _decode(self, endpoint: str, body: dict, replica_id: str,
-                      direct: dict | None) -> tuple[Any, str]:
-        """The decode replica's reply stream and its channel: its direct socket when it
-        is on this node, else its Serve handle."""
+                      direct: dict | None) -> Any:
+        """The decode replica's reply stream: over its direct socket when it is on this
+        node, else through its Serve handle."""
         client = self._direct_client(direct)
         if client is not None:
             try:
-                return await client.stream("generate", endpoint, body), "direct"
+                reply = await client.stream("generate", endpoint, body)
+                self.count_call("decode", "direct")
+                return reply
             except DirectUnavailable:
                 pass  # not sent
+        self.count_call("decode", "serve")
         return self.engines[Role.DECODE].options(stream=True).generate.remote(
-            endpoint, body, replica_id=replica_id), "serve"
+            endpoint, body, replica_id=replica_id)
 
     async def _prefill(self, endpoint: str, body: dict, replica_id: str,
-                       answer_head: bool, direct: dict | None,
-                       channels: dict[str, str]) -> dict | None:
+                       answer_head: bool, direct: dict | None) -> dict | None:
         """The remote prefill's reply (with kv_transfer_params), or None to prefill
         locally."""
         request = {k: v for k, v in body.items() if k not in PREFILL_DROPPED_FIELDS}
@@ -170,8 +205,7 @@ class Dispatcher:
         elif endpoint == "completions" and not is_token_ids(body.get("prompt")):
             request["return_token_ids"] = True  # the ids it makes, for the decode request
         try:
-            result = await self._call_prefill(endpoint, request, replica_id, direct,
-                                              channels)
+            result = await self._call_prefill(endpoint, request, replica_id, direct)
         except Exception as exc:
             logger.warning("prefill on %s failed (%r); prefilling locally", replica_id, exc)
             if is_replica_death(exc) or isinstance(exc, asyncio.TimeoutError):
@@ -182,17 +216,22 @@ class Dispatcher:
         return result
 
     async def _call_prefill(self, endpoint: str, request: dict, replica_id: str,
-                            direct: dict | None, channels: dict[str, str]) -> dict:
+                            direct: dict | None) -> dict:
         limits = self.config.router
         client = self._direct_client(direct)
         if client is not None:
-            channels["prefill"] = "direct"
             try:
-                return await asyncio.wait_for(client.call("prefill", endpoint, request),
-                                              limits.prefill_timeout_s)
+                async with asyncio.timeout(limits.prefill_timeout_s):
+                    result = await client.call("prefill", endpoint, request)
             except DirectUnavailable:
-                pass  # not sent
-        channels["prefill"] = "serve"
+                pass  # not sent: through Serve below
+            except BaseException:
+                self.count_call("prefill", "direct")
+                raise
+            else:
+                self.count_call("prefill", "direct")
+                return result
+        self.count_call("prefill", "serve")
         reply = self.engines[Role.PREFILL].prefill.remote(endpoint, request,
                                                           replica_id=replica_id)
         started = time.monotonic()

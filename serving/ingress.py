@@ -59,10 +59,10 @@ class OpenAIIngress:
                   and self.config.router.direct_calls else None)
         self.router = RouterClient(router, direct)
         engines = {Role.AGGREGATED: aggregated, Role.PREFILL: prefill, Role.DECODE: decode}
+        self.metrics = ServingMetrics()
         self.dispatcher = Dispatcher(self.config, self.router,
                                      {k: v for k, v in engines.items() if v is not None},
-                                     direct)
-        self.metrics = ServingMetrics()
+                                     direct, self._count_engine_call)
         self.api_key = self.config.resolved_api_key()
         self._models: dict | None = None
         validate_request("completions", {"prompt": "warm-up"})  # load vLLM's schemas now
@@ -117,8 +117,6 @@ class OpenAIIngress:
             timer.path = dispatch.path
             self.metrics.decisions.labels(dispatch.path, dispatch.reason).inc()
             self._observe_route(dispatch)
-            for pool, channel in dispatch.channels.items():
-                self.metrics.engine_calls.labels(pool, channel).inc()
             if dispatch.prefill_s:
                 self.metrics.prefill_seconds.labels("call").observe(dispatch.prefill_s)
             if dispatch.prefill_engine_s:
@@ -182,6 +180,9 @@ class OpenAIIngress:
         finally:
             reply.cancel()
             timer.finish(self.metrics, status, usage)
+
+    def _count_engine_call(self, pool: str, channel: str) -> None:
+        self.metrics.engine_calls.labels(pool, channel).inc()
 
     def _observe_route(self, dispatch: Dispatch) -> None:
         if dispatch.path == "aggregated":

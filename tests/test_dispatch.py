@@ -1,11 +1,14 @@
-"""serving.dispatch: what the ingress tokenizes for the routing policy."""
+"""serving.dispatch: what the ingress tokenizes for the routing policy; the decode call
+made only once the first token is out."""
 
 from __future__ import annotations
+
+import asyncio
 
 import pytest
 
 from serving.config import AppConfig
-from serving.dispatch import Dispatcher
+from serving.dispatch import DeferredReply, Dispatcher
 
 POOL = {"num_replicas": 1}
 
@@ -57,3 +60,54 @@ def test_prefix_aware_always_tokenizes():
 
 def test_token_id_prompts_pass_as_they_are(conditional):
     assert conditional._prompt_token_ids("completions", {"prompt": [5, 6, 7]}) == [5, 6, 7]
+
+
+class Stream:
+    """A reply stream as Serve's and the direct client's: async iteration, cancel()."""
+
+    def __init__(self, items):
+        self.items, self.cancelled = list(items), False
+
+    def __aiter__(self):
+        return self
+
+    async def __anext__(self):
+        if self.cancelled or not self.items:
+            raise StopAsyncIteration
+        return self.items.pop(0)
+
+    def cancel(self):
+        self.cancelled = True
+
+
+def deferred(items):
+    calls = []
+
+    async def start():
+        calls.append(Stream(items))
+        return calls[-1]
+
+    return DeferredReply(start), calls
+
+
+def test_the_decode_call_is_made_at_the_first_read():
+    async def run():
+        reply, calls = deferred(["a", "b"])
+        await asyncio.sleep(0)
+        assert calls == []  # the first token goes out before the decode replica wakes
+        got = [item async for item in reply]
+        assert got == ["a", "b"] and len(calls) == 1
+        reply.cancel()
+        assert calls[0].cancelled
+
+    asyncio.run(run())
+
+
+def test_a_reply_cancelled_before_its_first_read_makes_no_call():
+    async def run():
+        reply, calls = deferred(["a"])
+        reply.cancel()  # the client went away with the first token
+        assert [item async for item in reply] == []
+        assert calls == []
+
+    asyncio.run(run())
