@@ -1,4 +1,4 @@
-"""serving.direct: the ingress's same-node calls to engine replicas over ZeroMQ."""
+"""serving.direct: the ingress's same-node calls to engine replicas over Unix sockets."""
 
 from __future__ import annotations
 
@@ -79,7 +79,7 @@ def test_socket_is_private_to_the_user():
     async def main():
         server = _server(Replica())
         try:
-            path = server.address.removeprefix("ipc://")
+            path = server.address.removeprefix("unix://")
             assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
         finally:
             server.close()
@@ -129,6 +129,31 @@ def test_cancel_stops_the_replica_side():
                     break
                 await asyncio.sleep(0.01)
             assert not server._calls
+
+    asyncio.run(main())
+
+
+def test_a_caller_that_goes_away_stops_its_calls():
+    async def main():
+        replica = Replica()
+        server = _server(replica)
+        client = DirectClient(server.address)
+        try:
+            stream = await client.stream("generate", "completions", {"n": 5, "wait": True})
+            assert await stream.__anext__() == "data: 0\n\n"
+            call = asyncio.create_task(client.call("prefill", "c", {"wait": True}))
+            await asyncio.sleep(0.05)
+            assert len(server._calls) == 2
+            client.close()  # e.g. the ingress replica died
+            for _ in range(100):
+                if not server._calls:
+                    break
+                await asyncio.sleep(0.01)
+            assert not server._calls and replica.closed_streams == 1
+            with pytest.raises(ReplicaGone):
+                await call
+        finally:
+            server.close()
 
     asyncio.run(main())
 
@@ -198,7 +223,7 @@ def test_a_dead_replica_fails_calls_in_flight_and_refuses_new_ones():
 
 def test_no_listener_is_unavailable_not_a_hang(tmp_path):
     async def main():
-        client = DirectClient(f"ipc://{tmp_path}/none.sock")
+        client = DirectClient(f"unix://{tmp_path}/none.sock")
         try:
             with pytest.raises(DirectUnavailable):
                 await asyncio.wait_for(client.call("prefill", "c", {}), 5)
