@@ -1,0 +1,42 @@
+"""A vLLM general plugin (entry point `vllm.general_plugins`, loaded by vLLM in every
+engine process: EngineCore and workers) for what vLLM exposes no setting for.
+
+`PDSERVE_ENGINE_SPIN_S`: how long a reader of vLLM's shared-memory message queues (a
+worker waiting for the scheduler's next step, the EngineCore waiting for a worker's
+reply) keeps busy-waiting after its last message before it sleeps on the queue's
+socket. vLLM's own value is 1 s: after every request, each engine process keeps a core
+busy for a second. On a CPU box whose engines share cores with each other and with the
+serving processes, that second is taken from whoever needs the core next: a prefill
+engine that just handed its KV over to decode spins on while decode streams its first
+tokens. A running engine is not slowed by a short value: its steps follow each other
+well within it, so its readers never sleep; the first step after an idle spell waits
+for a socket wake-up (about 0.1 ms). Unset: vLLM's behaviour.
+"""
+
+from __future__ import annotations
+
+import os
+
+SPIN_ENV = "PDSERVE_ENGINE_SPIN_S"
+
+
+def cap_engine_spin() -> None:
+    value = os.environ.get(SPIN_ENV)
+    if not value:
+        return
+    seconds = float(value)
+    if seconds < 0:
+        raise ValueError(f"{SPIN_ENV} must be >= 0, got {value!r}")
+    from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
+
+    original = SpinCondition.wait
+    if getattr(original, "pdserve_spin_s", None) is not None:
+        return  # vLLM may load plugins more than once in one process
+
+    def wait(self, timeout_ms: int | None = None) -> None:
+        if self.busy_loop_s > seconds:  # readers only: a writer's is 0
+            self.busy_loop_s = seconds
+        return original(self, timeout_ms)
+
+    wait.pdserve_spin_s = seconds  # type: ignore[attr-defined]
+    SpinCondition.wait = wait
