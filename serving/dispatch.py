@@ -13,6 +13,7 @@ on its way to the client (`DeferredReply`).
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import time
 import uuid
@@ -160,8 +161,8 @@ class Dispatcher:
                 dispatch.prefill_engine_s = prefilled.get(ENGINE_SECONDS_KEY, 0.0)
             else:
                 dispatch.path = "fallback"
-        start_decode = lambda: self._decode(endpoint, body, route["decode"],  # noqa: E731
-                                            direct.get("decode"))
+        start_decode = functools.partial(self._decode, endpoint, body, route["decode"],
+                                         direct.get("decode"))
         dispatch.reply = (DeferredReply(start_decode) if dispatch.head is not None
                           else await start_decode())
         return dispatch
