@@ -54,6 +54,8 @@ from .transport import Transport
 
 logger = logging.getLogger(__name__)
 
+_DONE_BATCH_S = 0.002  # see _Session.send_done_later
+
 
 class PullState(enum.Enum):
     CONNECTING = "connecting"
@@ -89,11 +91,24 @@ class _Session:
     closed: bool = False
     reader_task: asyncio.Task | None = None  # held: asyncio only keeps weak references
     memory: PeerMemory | None = None  # the peer's KV memory, mapped (same host only)
+    done_notices: list[PullDone] = field(default_factory=list)
 
-    def send_nowait(self, msg) -> None:
-        """Queue a small message without waiting for the socket (best effort)."""
-        if not self.closed:
-            self.writer.write(encode(msg))
+    def send_done_later(self, msg: PullDone) -> None:
+        """Send a successful pull's PullDone soon, batched (best effort).
+
+        Nothing waits on it: it lets the peer free blocks it holds under a lease of
+        seconds. Sent at once, it wakes the peer just as the pull's result wakes its
+        caller, both wanting a core; so the notices of pulls that end within
+        `_DONE_BATCH_S` go together, that long after the first.
+        """
+        if not self.done_notices:
+            asyncio.get_running_loop().call_later(_DONE_BATCH_S, self.flush_done)
+        self.done_notices.append(msg)
+
+    def flush_done(self) -> None:
+        notices, self.done_notices = self.done_notices, []
+        if notices and not self.closed:
+            self.writer.write(b"".join(map(encode, notices)))
 
     async def send(self, msg) -> None:
         if self.closed:
@@ -140,6 +155,8 @@ class KVReceiver:
         self._xfer_ids = itertools.count(1)
         self._receiving: set[asyncio.Future] = set()
         self._host_id = host_identity()
+        # Only host memory copies from a mapped peer; device memory goes over UCX.
+        self._host_memory = all(r.host_storage_span() is not None for r in regions)
         self._copier = ParallelCopier()
 
     async def _session(self, host: str, port: int) -> _Session:
@@ -229,7 +246,8 @@ class KVReceiver:
         runs = self._plan(load)
         session = await self._session(load.remote_host, load.remote_port)
         marks["session"] = loop.time()
-        plan = session.memory.plan(runs, self._regions) if session.memory else None
+        plan = (session.memory.plan(runs, self._regions)
+                if session.memory is not None and self._host_memory else None)
         num_copied = 0
         if plan is not None and not plan[1] and self._copy_direct(
                 session.memory, load.remote_request_id, runs, plan[0]):
@@ -241,9 +259,7 @@ class KVReceiver:
         result.num_blocks = len(load.local_block_ids)
         result.num_bytes = result.num_blocks * sum(r.block_bytes for r in self._regions)
         result.phases = _phases(marks)
-        # Off the critical path: sent right after the result is handed back.
-        loop.call_later(0, session.send_nowait,
-                        PullDone(load.remote_request_id, True, num_copied))
+        session.send_done_later(PullDone(load.remote_request_id, True, num_copied))
         logger.debug("kvtransfer: pull %s %s %d blocks %.1f MiB phases(ms) %s",
                      load.request_id, result.mode, result.num_blocks,
                      result.num_bytes / 2**20, result.phases)
@@ -354,6 +370,7 @@ class KVReceiver:
 
     async def close(self) -> None:
         for session in self._sessions.values():
+            session.flush_done()
             session.writer.close()
             if session.memory is not None:
                 session.memory.close()

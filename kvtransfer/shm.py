@@ -56,7 +56,7 @@ _MAP_FIXED = 0x10  # Linux; the mmap module does not export it
 _MADV_POPULATE_READ = 22  # Linux 5.14+; neither does it export this
 _SEALS = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
 _SPLIT_MIN_BYTES = 2 << 20  # below this one thread copies (a thread hop costs more)
-_CHUNK_BYTES = 4 << 20  # unit of work the copy threads take in turn
+_CHUNK_BYTES = 4 << 20  # about the size of a part the copy threads take in turn
 _TOKEN_TTL_S = 30.0
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -340,12 +340,10 @@ class PeerMemory:
         return cls(mapping, windows, block_bytes, board)
 
     def plan(self, runs: Sequence[Run], regions: Sequence[KVRegion],
-             ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[int, Run]]] | None:
+             ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[int, Run]]]:
         """(local view, peer view) pairs to copy, and the (region, run) pieces outside the
-        shared windows that the peer must send; None if local memory is not host memory
-        (the whole pull goes over UCX then)."""
-        if any(region.host_storage_span() is None for region in regions):
-            return None
+        shared windows that the peer must send. The local regions must be host memory
+        (the receiver checks that once; device memory goes over UCX)."""
         inside, outside = split_by_windows(self.windows, runs)
         pairs = []
         for index, r in inside:
@@ -362,12 +360,10 @@ class PeerMemory:
         the call still walks them (0.6 ms per 16 MiB here, a third of a pull). Only
         speed rests on this: a page unmapped behind our back (migration) faults in the
         copy."""
-        if not self._can_populate:
-            return
         populated = self._populated[index]
-        missing = np.flatnonzero(~populated[start:start + count])
-        if not len(missing):
+        if not self._can_populate or populated[start:start + count].all():
             return
+        missing = np.flatnonzero(~populated[start:start + count])
         lo, hi = start + int(missing[0]), start + int(missing[-1]) + 1
         size = self._block_bytes[index]
         offset = self.windows[index].offset + lo * size
@@ -389,25 +385,28 @@ class PeerMemory:
 
 
 class ParallelCopier:
-    """Copies (dst, src) pairs. A large copy is cut into chunks that up to `num_threads`
-    threads take in turn, the calling thread among them: a one-core process never hops
-    threads, and a helper that starts late (a busy host) just takes fewer chunks."""
+    """Copies (dst, src) pairs. A large copy is cut into parts of equal size (a part
+    may span pairs) that up to `num_threads` threads take in turn, the calling thread
+    among them: a one-core process never hops threads, and a helper that starts late
+    (a busy host) just takes fewer parts. Few, large parts: every part costs each
+    thread a pass through the GIL, which two copying threads contend for."""
 
     def __init__(self, num_threads: int | None = None):
         self.num_threads = num_threads or min(4, len(os.sched_getaffinity(0)))
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
 
     def start(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> "CopyJob":
-        """Let the helper threads start on the chunks; `finish()` joins in and waits."""
+        """Let the helper threads start on the parts; `finish()` joins in and waits."""
         total = sum(dst.nbytes for dst, _ in pairs)
         if self.num_threads == 1 or total < _SPLIT_MIN_BYTES:
-            return CopyJob(iter(pairs), [])
+            return CopyJob(iter([pairs]), [])
         if self._pool is None:
             self._pool = concurrent.futures.ThreadPoolExecutor(
                 self.num_threads - 1, thread_name_prefix="kvtransfer-copy")
-        chunks = iter(_chunks(pairs, _CHUNK_BYTES))  # next() is atomic under the GIL
-        helpers = [self._pool.submit(_copy_all, chunks) for _ in range(self.num_threads - 1)]
-        return CopyJob(chunks, helpers)
+        rounds = -(-total // (self.num_threads * _CHUNK_BYTES))
+        parts = iter(_parts(pairs, self.num_threads * rounds))  # next() is atomic (GIL)
+        helpers = [self._pool.submit(_copy_all, parts) for _ in range(self.num_threads - 1)]
+        return CopyJob(parts, helpers)
 
     def copy(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> None:
         self.start(pairs).finish()
@@ -417,32 +416,55 @@ class ParallelCopier:
             self._pool.shutdown(wait=True)
 
 
+Part = list[tuple[np.ndarray, np.ndarray]]
+
+
 class CopyJob:
-    def __init__(self, chunks: Iterator[tuple[np.ndarray, np.ndarray]],
-                 futures: list[concurrent.futures.Future]):
-        self._chunks = chunks
+    def __init__(self, parts: Iterator[Part], futures: list[concurrent.futures.Future]):
+        self._parts = parts
         self._futures = futures
 
     def finish(self) -> None:
-        """Copy chunks until none is left, wait for the helpers. Returns only when no
+        """Copy parts until none is left, wait for the helpers. Returns only when no
         thread writes any more (also when one raised, which is then re-raised)."""
         try:
-            _copy_all(self._chunks)
+            _copy_all(self._parts)
         finally:
             concurrent.futures.wait(self._futures)
         for fut in self._futures:
             fut.result()
 
 
-def _copy_all(pairs: Iterable[tuple[np.ndarray, np.ndarray]]) -> None:
-    for dst, src in pairs:
-        np.copyto(dst, src)
+def _copy_all(parts: Iterable[Part]) -> None:
+    for part in parts:
+        for dst, src in part:
+            np.copyto(dst, src)
 
 
-def _chunks(pairs, size: int) -> list[tuple[np.ndarray, np.ndarray]]:
-    """The pairs as flat byte views of at most `size` bytes each."""
-    out = []
+def _parts(pairs: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> list[Part]:
+    """The pairs' bytes, in order, cut into `n` parts of (nearly) equal size, each a
+    list of (dst, src) flat byte views (a pair that is not contiguous stays whole)."""
+    size = -(-sum(dst.nbytes for dst, _ in pairs) // n)
+    parts: list[Part] = []
+    part: Part = []
+    room = size
     for dst, src in pairs:
-        dst, src = dst.reshape(-1), src.reshape(-1)
-        out.extend((dst[at:at + size], src[at:at + size]) for at in range(0, dst.nbytes, size))
-    return out
+        if not (dst.flags.c_contiguous and src.flags.c_contiguous):
+            part.append((dst, src))
+            room -= min(room, dst.nbytes)
+        else:
+            dst, src = dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8)
+            at = 0
+            while at < dst.nbytes:
+                take = min(room, dst.nbytes - at)
+                part.append((dst[at:at + take], src[at:at + take]))
+                at, room = at + take, room - take
+                if not room:
+                    parts.append(part)
+                    part, room = [], size
+        if not room and part:
+            parts.append(part)
+            part, room = [], size
+    if part:
+        parts.append(part)
+    return parts

@@ -20,7 +20,7 @@ from kvtransfer.memory import (
 )
 from kvtransfer.metadata import LoadSpec, PDConnectorMetadata, TransferParams
 from kvtransfer.protocol import ProtocolError, PullRequest, decode, encode
-from kvtransfer.shm import PAGE, FdServer, ParallelCopier, PeerMemory, SharedKV
+from kvtransfer.shm import PAGE, FdServer, ParallelCopier, PeerMemory, SharedKV, _parts
 from kvtransfer.worker import ModelIdentity, PDWorker
 from tests.kvtransfer_helpers.remote import IDENTITY, RemotePrefill, expected_block
 from tests.kvtransfer_helpers.workers import (
@@ -476,6 +476,23 @@ def test_shared_kv_keeps_tensors_and_peer_sees_owner_writes():
         peer.close()
     finally:
         shared.close()
+
+
+def test_parallel_copy_cuts_equal_parts_across_pairs(monkeypatch):
+    rng = np.random.default_rng(0)
+    srcs = [rng.integers(0, 255, (rows, 1000), dtype=np.uint8) for rows in (3, 1, 7, 2)]
+    srcs.append(np.arange(60, dtype=np.float32).reshape(6, 10)[:, ::2])  # not contiguous
+    dsts = [np.zeros_like(s) for s in srcs]
+    parts = _parts(list(zip(dsts, srcs)), 4)
+    sizes = [sum(d.nbytes for d, _ in part) for part in parts[:-1]]
+    assert len(sizes) == 3 and len(set(sizes)) == 1  # equal, spanning pairs
+    assert any(len(part) > 1 for part in parts)
+    monkeypatch.setattr("kvtransfer.shm._SPLIT_MIN_BYTES", 0)
+    monkeypatch.setattr("kvtransfer.shm._CHUNK_BYTES", 1000)  # several parts a thread
+    copier = ParallelCopier(2)
+    copier.copy(list(zip(dsts, srcs)))
+    copier.close()
+    assert all(np.array_equal(d, s) for d, s in zip(dsts, srcs))
 
 
 class _CountingMap:
