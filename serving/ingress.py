@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.config import AppConfig, Role
 from serving.direct import DirectClients, ReplicaGone
 from serving.dispatch import Dispatch, Dispatcher
+from serving.engine import freeze_startup_heap
 from serving.errors import (AuthenticationError, BadRequestError, NotFoundError,
                             OverloadedError, RequestTooLargeError, ServingError,
                             UpstreamTimeoutError, error_body, error_for)
@@ -66,6 +67,7 @@ class OpenAIIngress:
         self.api_key = self.config.resolved_api_key()
         self._models: dict | None = None
         validate_request("completions", {"prompt": "warm-up"})  # load vLLM's schemas now
+        freeze_startup_heap()
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
@@ -139,7 +141,7 @@ class OpenAIIngress:
             timer.finish(self.metrics, status, first.get("usage"))
             return JSONResponse(first, status, headers=headers)
         events = self._relay(first, dispatch, deadline, timer, client_wants_usage, request_id)
-        return StreamingResponse(events, media_type="text/event-stream", headers=headers)
+        return EventStream(events, media_type="text/event-stream", headers=headers)
 
     async def _relay(self, first: str, dispatch: Dispatch, deadline: float,
                      timer: RequestTimer, client_wants_usage: bool,
@@ -280,6 +282,38 @@ def _error_response(exc: BaseException, request_id: str) -> JSONResponse:
     if status == 401:
         headers["www-authenticate"] = "Bearer"
     return JSONResponse(body, status, headers=headers)
+
+
+class EventStream(StreamingResponse):
+    """An SSE response whose first event leaves right behind the headers.
+
+    Starlette's StreamingResponse sends the headers, then asks the generator for the
+    first event: a client reads the headers, and waits again, a wake-up more, for the
+    first token it came for. Here the first event is made first, and both go out in
+    one turn of the loop. Nor does it watch the client itself (Starlette, under ASGI
+    2.3, in a task group per response): Serve already does, and cancels the request
+    when the client goes away, which closes the relay and the replicas' streams.
+    """
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        chunks = aiter(self.body_iterator)
+        try:
+            first = await anext(chunks, None)
+            await send({"type": "http.response.start", "status": self.status_code,
+                        "headers": self.raw_headers})
+            if first is not None:
+                await send(_body(first, self.charset))
+                async for chunk in chunks:
+                    await send(_body(chunk, self.charset))
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        finally:
+            if hasattr(chunks, "aclose"):
+                await chunks.aclose()  # cancelled while sending: the relay still closes
+
+
+def _body(chunk: str | bytes, charset: str) -> dict:
+    data = chunk.encode(charset) if isinstance(chunk, str) else chunk
+    return {"type": "http.response.body", "body": data, "more_body": True}
 
 
 def _request_id(request: Request) -> str:

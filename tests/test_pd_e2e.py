@@ -173,6 +173,26 @@ def test_killing_prefill_mid_run_loses_no_request(pd_server, reference):
                reason="local_no_prefill") >= 1
 
 
+def test_client_leaving_mid_stream_stops_the_decode(pd_server):
+    """A client that closes its connection mid-stream ends the request at the engine:
+    Serve cancels the ingress's request, which closes the decode replica's stream."""
+    body = {"model": "pdserve:tiny", "prompt": REQUESTS[0]["prompt"], "max_tokens": 3000,
+            "ignore_eos": True, "temperature": 0.0, "stream": True}
+    def decode_running() -> float:
+        return metric(pd_server, "pdserve_replica_running_requests", pool="decode")
+
+    with httpx.stream("POST", pd_server.base_url + "/v1/completions", json=body,
+                      timeout=60) as reply:
+        assert reply.status_code == 200
+        tokens = 0
+        for line in reply.iter_lines():  # 3000 tokens: 20 s or more
+            tokens += line.startswith("data: {")
+            if tokens >= 5 and decode_running() > 0:
+                break  # leaving the block closes the connection
+    assert tokens < 1000, "the decode replica never showed the request as running"
+    _wait_for(lambda: decode_running() == 0, 12)  # not the 20 s the request would run
+
+
 def test_decode_death_mid_stream_ends_the_stream_with_an_error(pd_server, reference):
     """Runs last: the decode replica is killed while it streams. The client gets an
     error event and [DONE] (no hang); requests meanwhile fail fast with 503 or succeed;
