@@ -193,7 +193,7 @@ class KVReceiver:
 
     async def _map_peer_memory(self, info, host: str, port: int) -> PeerMemory | None:
         if (self._config.shm != "auto" or not info.shm_offer or not self._host_id
-                or info.host_id != self._host_id):
+                or info.host_id != self._host_id or not self._host_memory):
             return None
         try:
             return await asyncio.to_thread(
@@ -246,8 +246,7 @@ class KVReceiver:
         runs = self._plan(load)
         session = await self._session(load.remote_host, load.remote_port)
         marks["session"] = loop.time()
-        plan = (session.memory.plan(runs, self._regions)
-                if session.memory is not None and self._host_memory else None)
+        plan = session.memory.plan(runs, self._regions) if session.memory else None
         num_copied = 0
         if plan is not None and not plan[1] and self._copy_direct(
                 session.memory, load.remote_request_id, runs, plan[0]):

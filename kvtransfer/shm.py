@@ -343,7 +343,7 @@ class PeerMemory:
              ) -> tuple[list[tuple[np.ndarray, np.ndarray]], list[tuple[int, Run]]]:
         """(local view, peer view) pairs to copy, and the (region, run) pieces outside the
         shared windows that the peer must send. The local regions must be host memory
-        (the receiver checks that once; device memory goes over UCX)."""
+        (a receiver with device memory does not map its peers; it pulls over UCX)."""
         inside, outside = split_by_windows(self.windows, runs)
         pairs = []
         for index, r in inside:
@@ -449,22 +449,17 @@ def _parts(pairs: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> list[Part]
     part: Part = []
     room = size
     for dst, src in pairs:
-        if not (dst.flags.c_contiguous and src.flags.c_contiguous):
-            part.append((dst, src))
-            room -= min(room, dst.nbytes)
-        else:
+        whole = not (dst.flags.c_contiguous and src.flags.c_contiguous)
+        if not whole:
             dst, src = dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8)
-            at = 0
-            while at < dst.nbytes:
-                take = min(room, dst.nbytes - at)
-                part.append((dst[at:at + take], src[at:at + take]))
-                at, room = at + take, room - take
-                if not room:
-                    parts.append(part)
-                    part, room = [], size
-        if not room and part:
-            parts.append(part)
-            part, room = [], size
+        at = 0
+        while at < dst.nbytes:
+            take = dst.nbytes if whole else min(room, dst.nbytes - at)
+            part.append((dst, src) if whole else (dst[at:at + take], src[at:at + take]))
+            at, room = at + take, room - min(room, take)
+            if not room:
+                parts.append(part)
+                part, room = [], size
     if part:
         parts.append(part)
     return parts

@@ -115,6 +115,7 @@ class EngineServer:
     async def __init__(self, config: dict, role: str, router: Any = None):
         from starlette.datastructures import State
         from vllm.entrypoints.openai.api_server import init_app_state
+        from vllm.utils.gc_utils import freeze_gc_heap
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.loggers import StatLoggerBase
 
@@ -146,7 +147,11 @@ class EngineServer:
         self._router = RouterClient(router) if router is not None else None
         self._reporter = (asyncio.get_running_loop().create_task(self._report_load())
                           if router is not None else None)
-        freeze_startup_heap()
+        # Leave what start-up made (vLLM, torch, transformers: about a million objects)
+        # out of every later garbage collection, as vLLM's own API server does. Unfrozen,
+        # each full collection walks them all: 0.35-0.45 s here, a stall of every request
+        # and stream of this process.
+        freeze_gc_heap()
 
     async def generate(self, endpoint: str, body: dict,
                        replica_id: str | None = None) -> AsyncIterator[str | dict]:
@@ -264,16 +269,6 @@ class EngineServer:
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.shutdown()
-
-
-def freeze_startup_heap() -> None:
-    """Leave what start-up made (vLLM, torch, transformers: about a million objects)
-    out of every later garbage collection, as vLLM's own API server does after its
-    start-up. Unfrozen, each full collection walks them all: 0.35-0.45 s here, a
-    stall of every request and stream of the process."""
-    from vllm.utils.gc_utils import freeze_gc_heap
-
-    freeze_gc_heap()
 
 
 def _replica_id() -> str:

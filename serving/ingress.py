@@ -23,7 +23,6 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serving.config import AppConfig, Role
 from serving.direct import DirectClients, ReplicaGone
 from serving.dispatch import Dispatch, Dispatcher
-from serving.engine import freeze_startup_heap
 from serving.errors import (AuthenticationError, BadRequestError, NotFoundError,
                             OverloadedError, RequestTooLargeError, ServingError,
                             UpstreamTimeoutError, error_body, error_for)
@@ -55,6 +54,8 @@ class OpenAIIngress:
 
     def __init__(self, config: dict, router: Any, aggregated: Any = None, prefill: Any = None,
                  decode: Any = None):
+        from vllm.utils.gc_utils import freeze_gc_heap
+
         self.config = AppConfig.model_validate(config)
         direct = (DirectClients() if self.config.is_disaggregated
                   and self.config.router.direct_calls else None)
@@ -67,7 +68,7 @@ class OpenAIIngress:
         self.api_key = self.config.resolved_api_key()
         self._models: dict | None = None
         validate_request("completions", {"prompt": "warm-up"})  # load vLLM's schemas now
-        freeze_startup_heap()
+        freeze_gc_heap()  # start-up objects out of later collections (see EngineServer)
 
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Response:
