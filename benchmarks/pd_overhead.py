@@ -12,6 +12,12 @@ both see the same machine load: sequential streamed greedy requests (low load),
 ignore_eos so each makes exactly --output-tokens tokens, a distinct prompt per request
 so no prefix cache hides a prefill; the first request to each warms up.
 
+The timed requests go over the standard library's http.client, one kept-alive
+connection per server, reading the SSE stream line by line: the overhead is the
+server's, not its client's. httpx (under the OpenAI client) spends about 2 ms of its
+own per streamed request on this box, so P/D also gets as many requests over httpx,
+with prompts of their own, and that overhead is printed as well.
+
 Per P/D request:
   overhead = client TTFT - prefill engine time - KV pull time (if before the first token)
 where the prefill engine time is what the prefill replica reports (the ingress's
@@ -31,19 +37,23 @@ and all its descendants (Ray's GCS, raylet, workers, engine processes): RSS, whi
 counts shared pages once per process, and PSS, which splits them.
 
 Last line: `overhead_p50_ms=.. overhead_p99_ms=.. ttft_ratio=.. itl_ratio=.. ready_s=..
-tree_rss_gb=..` (ratios are P/D over aggregated, TTFT by median, ITL by mean).
+tree_rss_gb=.. httpx_overhead_p50_ms=..` (ratios are P/D over aggregated, TTFT by
+median, ITL by mean, all from the http.client requests).
 """
 
 from __future__ import annotations
 
 import argparse
+import http.client
 import json
 import os
 import statistics
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, ContextManager, Iterator
 
 import httpx
 import numpy as np
@@ -111,15 +121,40 @@ def pull_totals(client: httpx.Client, base_url: str) -> tuple[float, float]:
     return count, total
 
 
-def stream_once(client: httpx.Client, base_url: str, body: dict) -> Sample:
+@contextmanager
+def _stdlib_stream(conn: http.client.HTTPConnection, path: str, headers: dict[str, str],
+                   body: dict) -> Iterator[tuple[Any, Iterator[str]]]:
+    """POST `body` on a kept-alive connection; (reply headers, reply lines)."""
+    conn.request("POST", path, json.dumps(body), {"content-type": "application/json",
+                                                 **headers})
+    reply = conn.getresponse()
+    try:
+        if reply.status != 200:
+            raise RuntimeError(f"HTTP {reply.status}: {reply.read()[:200]!r}")
+        yield reply.headers, (raw.decode().rstrip("\r\n")
+                              for raw in iter(reply.readline, b""))
+    finally:
+        reply.read()  # to the end of the body, so the connection can be reused
+
+
+@contextmanager
+def _httpx_stream(client: httpx.Client, url: str, body: dict,
+                  ) -> Iterator[tuple[Any, Iterator[str]]]:
+    with client.stream("POST", url, json=body) as reply:
+        reply.raise_for_status()
+        yield reply.headers, reply.iter_lines()
+
+
+def stream_once(opened: ContextManager[tuple[Any, Iterator[str]]]) -> Sample:
+    """Time one streamed request: `opened` sends it when entered (the clock starts
+    just before) and yields the reply's headers and lines."""
     start = time.perf_counter()
     first = last = None
     gaps = []
-    with client.stream("POST", base_url + "/v1/completions", json=body) as reply:
-        reply.raise_for_status()
-        timing = parse_server_timing(reply.headers.get("server-timing"))
-        head = "first-token" in reply.headers.get("server-timing", "")
-        for line in reply.iter_lines():
+    with opened as (headers, lines):
+        timing = parse_server_timing(headers.get("server-timing"))
+        head = "first-token" in (headers.get("server-timing") or "")
+        for line in lines:
             if not line.startswith("data: ") or line == "data: [DONE]":
                 continue
             if not json.loads(line[6:]).get("choices"):
@@ -136,23 +171,35 @@ def stream_once(client: httpx.Client, base_url: str, body: dict) -> Sample:
 
 
 class Client:
-    """Sequential streamed requests to one server; on P/D, each request's KV pull time."""
+    """Sequential streamed requests to one server; on P/D, each request's KV pull time.
+
+    Requests go over the standard library's http.client on one kept-alive connection
+    (what a server costs, not its client: httpx, which the OpenAI client uses, spends
+    about 2 ms of its own per streamed request here), or with `via_httpx` over httpx."""
 
     def __init__(self, base_url: str, model: str, output_tokens: int, with_pulls: bool):
         self.http = httpx.Client(timeout=300, headers=pdserve_auth_headers(), trust_env=False)
+        url = httpx.URL(base_url)
+        self.conn = http.client.HTTPConnection(url.host, url.port, timeout=300)
         self.base_url, self.model, self.output_tokens = base_url, model, output_tokens
         self.pulls = pull_totals(self.http, base_url) if with_pulls else None
 
-    def request(self, prompt: str) -> Sample:
+    def request(self, prompt: str, via_httpx: bool = False) -> Sample:
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.output_tokens,
                 "temperature": 0.0, "ignore_eos": True, "stream": True}
-        sample = stream_once(self.http, self.base_url, body)
+        sample = stream_once(
+            _httpx_stream(self.http, self.base_url + "/v1/completions", body) if via_httpx
+            else _stdlib_stream(self.conn, "/v1/completions", pdserve_auth_headers(), body))
         if self.pulls is not None:
             after = _wait_for_pull(self.http, self.base_url, self.pulls)
             if after[0] == self.pulls[0] + 1:
                 sample.pull = after[1] - self.pulls[1]
             self.pulls = after
         return sample
+
+    def close(self) -> None:
+        self.http.close()
+        self.conn.close()
 
 
 def _wait_for_pull(client: httpx.Client, base_url: str,
@@ -224,6 +271,7 @@ class ServerRun:
     ready_s: float
     memory: list[ProcessMemory] = field(default_factory=list)
     samples: list[Sample] = field(default_factory=list)
+    httpx_samples: list[Sample] = field(default_factory=list)  # P/D, other prompts
 
     @property
     def rss(self) -> int:
@@ -235,9 +283,11 @@ class ServerRun:
 
 
 def measure(pd_config: str, agg_config: str, model: str, prompts: list[str],
-            output_tokens: int, logs: Path, gap_s: float) -> tuple[ServerRun, ServerRun]:
+            httpx_prompts: list[str], output_tokens: int, logs: Path, gap_s: float,
+            ) -> tuple[ServerRun, ServerRun]:
     """Start P/D, then aggregated (each alone, for its ready time); then alternate one
-    request to each, so both see the same machine load; the first pair warms up.
+    request to each, so both see the same machine load, and one more to P/D over httpx
+    with a prompt of its own; the first round warms up.
 
     `gap_s` between requests lets the engine that just ran go idle: vLLM's engine and
     worker processes busy-poll their message queue for 1 s after each message
@@ -250,16 +300,20 @@ def measure(pd_config: str, agg_config: str, model: str, prompts: list[str],
             pd, agg = ServerRun(pd_ready), ServerRun(agg_ready)
             clients = [(pd, Client(pd_server.base_url, model, output_tokens, True)),
                        (agg, Client(agg_server.base_url, model, output_tokens, False))]
-            for i, prompt in enumerate(prompts):
+            for i, (prompt, other) in enumerate(zip(prompts, httpx_prompts)):
                 for run, client in clients:
                     time.sleep(gap_s)
                     sample = client.request(prompt)
                     if i:
                         run.samples.append(sample)
+                time.sleep(gap_s)
+                sample = clients[0][1].request(other, via_httpx=True)
+                if i:
+                    pd.httpx_samples.append(sample)
             for run, server in ((pd, pd_server), (agg, agg_server)):
                 run.memory = tree_memory(server.proc.pid)
             for _, client in clients:
-                client.http.close()
+                client.close()
         finally:
             agg_server.stop()
     finally:
@@ -272,11 +326,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
 
 
+def _remote(samples: list[Sample]) -> list[Sample]:
+    return [s for s in samples if s.pull is not None and "prefill-engine" in s.timing]
+
+
+def _overhead(samples: list[Sample]) -> list[float]:
+    return [s.ttft - s.timing["prefill-engine"] - (0.0 if s.head else s.pull)
+            for s in samples]
+
+
 def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int) -> str:
     ms = 1e3
-    remote = [s for s in pd.samples if s.pull is not None and "prefill-engine" in s.timing]
-    overhead = [s.ttft - s.timing["prefill-engine"] - (0.0 if s.head else s.pull)
-                for s in remote]
+    remote = _remote(pd.samples)
+    overhead = _overhead(remote)
+    overhead_httpx = _overhead(_remote(pd.httpx_samples))
     pd_ttft = [s.ttft for s in pd.samples]
     agg_ttft = [s.ttft for s in agg.samples]
     pd_itl = statistics.fmean(g for s in pd.samples for g in s.gaps)
@@ -286,7 +349,8 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
     pd_itl_rest = statistics.fmean(g for s in pd.samples for g in s.gaps[1:])
     agg_itl_rest = statistics.fmean(g for s in agg.samples for g in s.gaps[1:])
     lines = [f"{len(pd.samples)} requests per server, {prompt_tokens}-token prompts, "
-             f"{output_tokens} tokens out, sequential, streamed",
+             f"{output_tokens} tokens out, sequential, streamed (http.client; "
+             f"{len(pd.httpx_samples)} more to P/D over httpx)",
              f"{'':24}{'P/D':>10}{'aggregated':>12}{'ratio':>8}",
              f"{'TTFT p50 ms':24}{statistics.median(pd_ttft) * ms:>10.1f}"
              f"{statistics.median(agg_ttft) * ms:>12.1f}"
@@ -321,6 +385,8 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
              "overhead": overhead}
     lines.append(f"P/D TTFT breakdown over {len(remote)} remote requests "
                  f"(ms)   p50      p99")
+    if overhead_httpx:
+        parts["overhead, httpx client"] = overhead_httpx
     for name, values in parts.items():
         lines.append(f"  {name:30}{statistics.median(values) * ms:>8.2f}"
                      f"{percentile(values, .99) * ms:>9.2f}")
@@ -329,7 +395,8 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
         f"overhead_p99_ms={percentile(overhead, .99) * ms:.2f} "
         f"ttft_ratio={statistics.median(pd_ttft) / statistics.median(agg_ttft):.2f} "
         f"itl_ratio={pd_itl / agg_itl:.2f} ready_s={pd.ready_s:.1f} "
-        f"tree_rss_gb={pd.rss / 1e9:.2f}")
+        f"tree_rss_gb={pd.rss / 1e9:.2f} httpx_overhead_p50_ms="
+        f"{statistics.median(overhead_httpx) * ms if overhead_httpx else float('nan'):.2f}")
     return "\n".join(lines)
 
 
@@ -351,12 +418,13 @@ def main(argv: list[str] | None = None) -> None:
 
     config, _ = app_config_from_file(args.pd_config)
     prompts = make_prompts(resolve_model(config.model), args.prompt_tokens,
-                           args.num_requests + 1)
+                           2 * (args.num_requests + 1))
     with tempfile.TemporaryDirectory(prefix="pd-overhead-") as tmp:
         logs = Path(args.log_dir or tmp)
         agg_config = pinned_config(args.aggregated_config, args.aggregated_cores, tmp)
-        pd, agg = measure(args.pd_config, agg_config, config.model_name, prompts,
-                          args.output_tokens, logs, args.gap_s)
+        half = args.num_requests + 1
+        pd, agg = measure(args.pd_config, agg_config, config.model_name, prompts[:half],
+                          prompts[half:], args.output_tokens, logs, args.gap_s)
     print(report(pd, agg, args.prompt_tokens, args.output_tokens))
 
 
