@@ -1,7 +1,7 @@
 """KV block pull between two processes vs a plain numpy copy, at real block geometry.
 
     python -m benchmarks.kv_transfer [--sizes-mib 1 4 16 256] [--model pdserve:bench]
-                                     [--shm auto|off] [--direct on|off]
+                                     [--shm auto|off] [--direct on|off] [--inline on|off]
 
 For each size, a prefill-side worker (kvtransfer's PDWorker, producer) holds a lease on
 that many MiB of KV blocks shaped like the engine's paged cache (the model's layers,
@@ -10,7 +10,9 @@ another process pulls them into its own blocks: control round trip plus data, ov
 the same-host shm path (the prefill's KV memory mapped into the decode process) unless
 `--shm off` selects UCX. Leases are granted as the engine grants them, so shm pulls
 find them on the prefill's lease board and take no round trip ("shm-direct") unless
-`--direct off` makes them ask. Next to each pull the run times a numpy copy of the
+`--direct off` makes them ask. A pull starts as the engine's `start_load_kv` starts
+it (`PDWorker.pull`): a shm-direct pull is copied on the calling thread, the engine's
+own, unless `--inline off` hands it to the I/O thread. Next to each pull the run times a numpy copy of the
 same number of bytes between two warm buffers of its own: pull, copy, pull, copy, ...,
 so both see the same load and the same cache. A pull never copies blocks it has just
 copied, while a copy repeated back to back in a tight loop at 16 MiB (32 MiB touched,
@@ -61,13 +63,14 @@ def geometry_of(model_dir: str) -> Geometry:
 
 
 def _make_worker(geo: Geometry, num_blocks: int, producer: bool, shm: str,
-                 direct: bool = True):
+                 direct: bool = True, inline: bool = True):
     import torch
 
     from kvtransfer.config import PDConnectorConfig
     from kvtransfer.worker import ModelIdentity, PDWorker
 
-    worker = PDWorker(PDConnectorConfig(transport="ucx", shm=shm, shm_direct=direct),
+    worker = PDWorker(PDConnectorConfig(transport="ucx", shm=shm, shm_direct=direct,
+                                        shm_inline=inline),
                       ModelIdentity("bench", BLOCK_SIZE, geo.num_kv_heads, geo.head_size),
                       is_producer=producer, is_consumer=not producer)
     # Like vLLM 0.32's allocate_kv_cache: one backing allocation, a view per layer.
@@ -101,7 +104,7 @@ def pull_seconds(worker, port: int, prefill, lease_id: str, blocks: list[int],
     assert prefill.recv() == "granted"
     load = LoadSpec(lease_id, tuple(blocks), lease_id, tuple(blocks), "127.0.0.1", port)
     t0 = time.perf_counter()
-    result = worker._io.run(worker.receiver.pull(load))
+    result = worker.pull(load).result()  # what the engine's start_load_kv starts
     elapsed = time.perf_counter() - t0
     if not result.ok:
         raise RuntimeError(f"pull failed: {result.reason}")
@@ -123,7 +126,8 @@ def memcpy_seconds(nbytes: int, reps: int) -> float:
 
 
 def bench_pulls(geo: Geometry, block_counts: list[int], reps: int, shm: str,
-                direct: bool = True) -> tuple[dict[int, tuple[float, float, float]], str]:
+                direct: bool = True, inline: bool = True,
+                ) -> tuple[dict[int, tuple[float, float, float]], str]:
     """blocks -> median seconds of (pull, numpy copy of the same bytes alternated with
     the pulls, that copy in a hot loop), and which path the pulls took (with the decode
     side's copy threads)."""
@@ -136,7 +140,8 @@ def bench_pulls(geo: Geometry, block_counts: list[int], reps: int, shm: str,
     proc.start()
     try:
         port = parent.recv()
-        worker, caches = _make_worker(geo, pool, producer=False, shm=shm, direct=direct)
+        worker, caches = _make_worker(geo, pool, producer=False, shm=shm, direct=direct,
+                                      inline=inline)
         out, modes = {}, set()
         for nblocks in block_counts:
             blocks = list(range(1, nblocks + 1))
@@ -152,7 +157,9 @@ def bench_pulls(geo: Geometry, block_counts: list[int], reps: int, shm: str,
                             memcpy_seconds(nblocks * geo.block_bytes, reps))
         threads = worker.receiver._copier.num_threads
         worker.shutdown()
-        return out, f"{'+'.join(sorted(modes))} (decode copy threads: {threads})"
+        where = "the pulling thread" if inline else "the I/O thread"
+        return out, (f"{'+'.join(sorted(modes))} (copied on {where}; "
+                     f"decode copy threads: {threads})")
     finally:
         parent.send(None)
         proc.join(30)
@@ -189,6 +196,9 @@ def main(argv: list[str] | None = None) -> None:
                         help="same-host shm path (auto) or UCX only (off)")
     parser.add_argument("--direct", choices=["on", "off"], default="on",
                         help="shm pulls without a round trip when the lease board allows")
+    parser.add_argument("--inline", choices=["on", "off"], default="on",
+                        help="direct pulls copied on the pulling thread (the engine's), "
+                        "or on the I/O thread")
     args = parser.parse_args(argv)
 
     from serving.model import resolve_model
@@ -202,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
     counts = {mib: -(-mib * MIB // geo.block_bytes) for mib in args.sizes_mib}
     nblocks = -(-args.prompt_tokens // BLOCK_SIZE)
     timed, path = bench_pulls(geo, sorted(set(counts.values()) | {nblocks}), args.reps,
-                              args.shm, args.direct == "on")
+                              args.shm, args.direct == "on", args.inline == "on")
     print(f"pull path: {path}")
     print(f"{'MiB':>6} {'blocks':>6} {'pull ms':>8} {'pull GB/s':>10} {'memcpy GB/s':>12} "
           f"{'ratio':>6} {'copy, hot loop GB/s':>20}")

@@ -61,9 +61,19 @@ class BoardView:
         self._cells = cells
         self._key = key
 
-    def holds(self, lease_id: str, block_ids: list[int]) -> bool:
+    def holds(self, lease_id: str, block_ids: Iterable[int]) -> bool:
         """True if lease `lease_id` holds every one of `block_ids` now."""
-        ids = np.asarray(block_ids, dtype=np.int64)
-        if not len(ids) or ids.min() < 0 or ids.max() >= len(self._cells):
-            return False
-        return bool((self._cells[ids] == lease_tag(self._key, lease_id)).all())
+        return self.holds_spans(lease_id, [(b, 1) for b in block_ids])
+
+    def holds_spans(self, lease_id: str, spans: Iterable[tuple[int, int]]) -> bool:
+        """True if lease `lease_id` holds every block of `spans` ((first, count)
+        pairs, at least one) now."""
+        tag = lease_tag(self._key, lease_id)
+        cells, seen = self._cells, False
+        for first, count in spans:
+            if first < 0 or count < 1 or first + count > len(cells):
+                return False
+            if not (cells[first:first + count] == tag).all():
+                return False
+            seen = True
+        return seen

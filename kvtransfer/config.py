@@ -71,6 +71,12 @@ class PDConnectorConfig(BaseModel):
         "lease board shows the lease holding the blocks before and after the copy; "
         "False: always ask the prefill (a request/reply per pull).",
     )
+    shm_inline: bool = Field(
+        True, description="With shm_direct: a pull that can go direct is copied on the "
+        "thread that starts it, vLLM's engine thread, within the step (no hand-off to "
+        "the I/O thread and back, which vLLM's CPU binding puts on the engine's cores "
+        "too, where it competes with the step); False: on the I/O thread.",
+    )
     tiers: TierConfig | None = Field(
         None, description="DRAM/NVMe KV tiers with prefix reuse; unset: none.")
 

@@ -36,10 +36,13 @@ class KVRegion:
     blocks: torch.Tensor
     memory_type: MemoryType
     host_array: Any = None  # numpy view of `blocks` for host memory (cheap slicing)
+    host_bytes: Any = None  # the same, flat, if contiguous (one slice per byte range)
 
     def __post_init__(self) -> None:
         if self.memory_type is MemoryType.HOST:
             self.host_array = self.blocks.numpy()
+            if self.host_array.flags.c_contiguous:
+                self.host_bytes = self.host_array.reshape(-1)
 
     @property
     def num_blocks(self) -> int:
@@ -62,6 +65,14 @@ class KVRegion:
         if self.host_array is not None:
             return self.host_array[start:start + count]
         return self.blocks[start:start + count]
+
+    def host_view(self, start: int, count: int) -> Any:
+        """Blocks [start, start + count) of host memory as a numpy array: flat bytes
+        where the memory is contiguous (what the copy threads cut into parts)."""
+        if self.host_bytes is None:
+            return self.host_array[start:start + count]
+        size = self.host_array.shape[1]
+        return self.host_bytes[start * size:(start + count) * size]
 
 
 @dataclass(frozen=True, slots=True)
@@ -113,7 +124,10 @@ def regions_from_kv_caches(
 
 def check_block_ids(block_ids: Iterable[int], num_blocks: int, what: str) -> None:
     """Reject ids that do not name a registered block (peer input is untrusted)."""
-    for b in block_ids:
+    ids = list(block_ids)
+    if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < num_blocks):
+        return  # every id good: checked in C, once per pull
+    for b in ids:
         if not isinstance(b, int) or isinstance(b, bool) or not 0 <= b < num_blocks:
             raise BlockRangeError(f"{what} block id {b!r} outside [0, {num_blocks})")
 
@@ -126,6 +140,8 @@ def coalesce(src: Sequence[int], dst: Sequence[int]) -> list[Run]:
     """
     if len(src) != len(dst):
         raise BlockRangeError(f"{len(src)} source blocks for {len(dst)} destination blocks")
+    if src and _is_range(src) and _is_range(dst):  # a fresh engine's usual allocation
+        return [Run(src[0], dst[0], len(src))]
     runs: list[Run] = []
     for s, d in sorted(zip(src, dst)):
         last = runs[-1] if runs else None
@@ -134,6 +150,12 @@ def coalesce(src: Sequence[int], dst: Sequence[int]) -> list[Run]:
         else:
             runs.append(Run(s, d, 1))
     return runs
+
+
+def _is_range(ids: Sequence[int]) -> bool:
+    """`ids` are first, first + 1, ... (peer input: the first must be an int)."""
+    first = ids[0]
+    return type(first) is int and list(ids) == list(range(first, first + len(ids)))
 
 
 def split_runs(runs: Sequence[Run], max_blocks: int) -> list[Run]:

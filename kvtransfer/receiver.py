@@ -34,6 +34,7 @@ import asyncio
 import enum
 import itertools
 import logging
+import time
 from dataclasses import dataclass, field
 
 from .compat import KVSpec
@@ -158,6 +159,7 @@ class KVReceiver:
         # Only host memory copies from a mapped peer; device memory goes over UCX.
         self._host_memory = all(r.host_storage_span() is not None for r in regions)
         self._copier = ParallelCopier()
+        self._loop = asyncio.get_running_loop()  # the I/O loop: made there
 
     async def _session(self, host: str, port: int) -> _Session:
         key = (host, int(port))
@@ -207,13 +209,13 @@ class KVReceiver:
     async def pull(self, load: LoadSpec) -> PullResult:
         """Run one pull to completion; never raises, the result says what happened."""
         result = PullResult(load.request_id, list(load.local_block_ids))
-        loop = asyncio.get_running_loop()
-        start = loop.time()
+        start = time.monotonic()
         try:
-            # A timeout scope, not wait_for: wait_for runs the pull as a task of its
-            # own, whose extra loop turns cost 0.1-0.2 ms of every pull here.
-            async with asyncio.timeout(self._config.transfer_timeout_s):
-                await self._pull(load, result)
+            if not self._pull_direct(load, result):
+                # A timeout scope, not wait_for: wait_for runs the pull as a task of
+                # its own, whose extra loop turns cost 0.1-0.2 ms of every pull here.
+                async with asyncio.timeout(self._config.transfer_timeout_s):
+                    await self._pull(load, result)
             result.state = PullState.DONE
         except TimeoutError:
             result.reason = TransferTimeout.reason
@@ -226,7 +228,7 @@ class KVReceiver:
         if not result.ok:
             self._abandon(result)
             await self._notify(load, PullDone(load.remote_request_id, False))
-        result.seconds = loop.time() - start
+        result.seconds = time.monotonic() - start
         return result
 
     def _plan(self, load: LoadSpec):
@@ -240,41 +242,79 @@ class KVReceiver:
         largest = max(r.block_bytes for r in self._regions)
         return split_runs(runs, max(1, self._config.max_message_bytes // largest))
 
-    async def _pull(self, load: LoadSpec, result: PullResult) -> None:
-        loop = asyncio.get_running_loop()
-        marks = {"start": loop.time()}
-        runs = self._plan(load)
-        session = await self._session(load.remote_host, load.remote_port)
-        marks["session"] = loop.time()
-        plan = session.memory.plan(runs, self._regions) if session.memory else None
-        num_copied = 0
-        if plan is not None and not plan[1] and self._copy_direct(
-                session.memory, load.remote_request_id, runs, plan[0]):
-            result.mode = "shm-direct"
-            marks["copy"] = loop.time()
-            num_copied = len(load.local_block_ids)
-        else:
-            await self._ask(load, runs, plan, session, result, marks)
-        result.num_blocks = len(load.local_block_ids)
-        result.num_bytes = result.num_blocks * sum(r.block_bytes for r in self._regions)
-        result.phases = _phases(marks)
-        session.send_done_later(PullDone(load.remote_request_id, True, num_copied))
-        logger.debug("kvtransfer: pull %s %s %d blocks %.1f MiB phases(ms) %s",
-                     load.request_id, result.mode, result.num_blocks,
-                     result.num_bytes / 2**20, result.phases)
+    def pull_inline(self, load: LoadSpec) -> PullResult | None:
+        """The shm-direct pull on the calling thread (any thread): when the peer's
+        session is open with its memory mapped and its lease board shows the lease, a
+        bounded copy with nothing to wait for. None: nothing done that counts (no such
+        session yet, the lease not on the board, or an error): run `pull` on the I/O
+        loop, which takes the other paths and reports failures."""
+        result = PullResult(load.request_id, list(load.local_block_ids))
+        start = time.monotonic()
+        try:
+            if not self._pull_direct(load, result, inline=True):
+                return None
+        except Exception as e:
+            logger.debug("kvtransfer: inline pull for %s: %r", load.request_id, e)
+            return None
+        result.state = PullState.DONE
+        result.seconds = time.monotonic() - start
+        return result
 
-    def _copy_direct(self, memory: PeerMemory, lease_id: str, runs: list[Run],
-                     pairs: list) -> bool:
+    def _pull_direct(self, load: LoadSpec, result: PullResult, inline: bool = False) -> bool:
+        """A pull on an open session with mapped memory tries the shm-direct path here
+        first: it never awaits, so it needs no timeout scope. False: `_pull`."""
+        session = self._sessions.get((load.remote_host, int(load.remote_port)))
+        if (session is None or session.closed or session.memory is None
+                or not self._config.shm_direct):
+            return False
+        marks = {"start": time.monotonic()}
+        runs = self._plan(load)
+        marks["session"] = time.monotonic()
+        return self._direct(load, result, session, runs, marks, inline)
+
+    def _direct(self, load: LoadSpec, result: PullResult, session: _Session,
+                runs: list[Run], marks: dict[str, float], inline: bool = False) -> bool:
         """Copy without asking if the peer's lease board shows the lease holding every
         block before the copy and still after it (see the module docstring); False:
         nothing counts, ask the peer."""
-        if not self._config.shm_direct or not pairs:
+        pairs, outside = session.memory.plan(runs, self._regions)
+        if not self._config.shm_direct or outside or not pairs:
             return False
-        blocks = [b for r in runs for b in range(r.src, r.src + r.length)]
-        if not memory.board.holds(lease_id, blocks):
+        board, spans = session.memory.board, [(r.src, r.length) for r in runs]
+        if not board.holds_spans(load.remote_request_id, spans):
             return False
         self._copier.copy(pairs)
-        return memory.board.holds(lease_id, blocks)
+        if not board.holds_spans(load.remote_request_id, spans):
+            return False
+        result.mode = "shm-direct"
+        marks["copy"] = time.monotonic()
+        self._pulled(load, result, session, marks, len(load.local_block_ids), inline)
+        return True
+
+    async def _pull(self, load: LoadSpec, result: PullResult) -> None:
+        marks = {"start": time.monotonic()}
+        runs = self._plan(load)
+        session = await self._session(load.remote_host, load.remote_port)
+        marks["session"] = time.monotonic()
+        if session.memory is not None and self._direct(load, result, session, runs, marks):
+            return
+        plan = session.memory.plan(runs, self._regions) if session.memory else None
+        await self._ask(load, runs, plan, session, result, marks)
+        self._pulled(load, result, session, marks, 0)
+
+    def _pulled(self, load: LoadSpec, result: PullResult, session: _Session,
+                marks: dict[str, float], num_copied: int, inline: bool = False) -> None:
+        result.num_blocks = len(load.local_block_ids)
+        result.num_bytes = result.num_blocks * sum(r.block_bytes for r in self._regions)
+        result.phases = _phases(marks)
+        done = PullDone(load.remote_request_id, True, num_copied)
+        if inline:
+            self._loop.call_soon_threadsafe(session.send_done_later, done)
+        else:
+            session.send_done_later(done)
+        logger.debug("kvtransfer: pull %s %s %d blocks %.1f MiB phases(ms) %s",
+                     load.request_id, result.mode, result.num_blocks,
+                     result.num_bytes / 2**20, result.phases)
 
     async def _ask(self, load: LoadSpec, runs: list[Run], plan, session: _Session,
                    result: PullResult, marks: dict[str, float]) -> None:
@@ -298,15 +338,15 @@ class KVReceiver:
             # of the request competes with the copy threads for the same cores.
             if pairs:
                 self._copier.copy(pairs)
-                marks["copy"] = loop.time()
+                marks["copy"] = time.monotonic()
             await session.send(PullRequest(
                 xfer_id, load.remote_request_id, [[r.src, r.length] for r in runs],
                 xfer_id << 32, result.mode))
-            marks["request"] = loop.time()
+            marks["request"] = time.monotonic()
             reply: PullReply = await reply_fut
-            marks["reply"] = loop.time()
+            marks["reply"] = time.monotonic()
             await self._receive(xfer_id, reply, recv_views, abort_fut, result)
-            marks["receive"] = loop.time()
+            marks["receive"] = time.monotonic()
         finally:
             session.replies.pop(xfer_id, None)
             session.aborts.pop(xfer_id, None)

@@ -42,6 +42,7 @@ import os
 import secrets
 import socket
 import struct
+import threading
 import time
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator, Sequence
@@ -300,11 +301,9 @@ class PeerMemory:
         self.board = board
         self._block_bytes = list(block_bytes)
         self._can_populate = True
-        self._populated = [np.zeros(w.count, dtype=bool) for w in windows]
-        self._views = [
-            np.frombuffer(mapping, np.uint8, w.count * size, w.offset).reshape(w.count, size)
-            for w, size in zip(windows, block_bytes)
-        ]
+        self._populated = [bytearray(w.count) for w in windows]  # 1: pages mapped
+        self._bytes = [np.frombuffer(mapping, np.uint8, w.count * size, w.offset)
+                       for w, size in zip(windows, block_bytes)]
 
     @classmethod
     def attach(cls, offer: dict[str, Any], block_bytes: Sequence[int],
@@ -349,8 +348,9 @@ class PeerMemory:
         for index, r in inside:
             start = r.src - self.windows[index].first
             self._populate(index, start, r.length)
-            pairs.append((regions[index].view(r.dst, r.length),
-                          self._views[index][start:start + r.length]))
+            size = self._block_bytes[index]
+            pairs.append((regions[index].host_view(r.dst, r.length),
+                          self._bytes[index][start * size:(start + r.length) * size]))
         return pairs, outside
 
     def _populate(self, index: int, start: int, count: int) -> None:
@@ -361,10 +361,10 @@ class PeerMemory:
         speed rests on this: a page unmapped behind our back (migration) faults in the
         copy."""
         populated = self._populated[index]
-        if not self._can_populate or populated[start:start + count].all():
+        lo = populated.find(0, start, start + count)
+        if lo < 0 or not self._can_populate:
             return
-        missing = np.flatnonzero(~populated[start:start + count])
-        lo, hi = start + int(missing[0]), start + int(missing[-1]) + 1
+        hi = populated.rfind(0, start, start + count) + 1
         size = self._block_bytes[index]
         offset = self.windows[index].offset + lo * size
         page = offset // PAGE * PAGE
@@ -373,10 +373,10 @@ class PeerMemory:
         except OSError:  # an older kernel: the copy faults the pages in instead
             self._can_populate = False
             return
-        populated[lo:hi] = True
+        populated[lo:hi] = b"\x01" * (hi - lo)
 
     def close(self) -> None:
-        self._views = []
+        self._bytes = []
         self.board = BoardView(np.zeros(0, np.uint64), b"")
         try:
             self._map.close()
@@ -394,15 +394,17 @@ class ParallelCopier:
     def __init__(self, num_threads: int | None = None):
         self.num_threads = num_threads or min(4, len(os.sched_getaffinity(0)))
         self._pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self._lock = threading.Lock()  # copies start on the engine and the I/O thread
 
     def start(self, pairs: Sequence[tuple[np.ndarray, np.ndarray]]) -> "CopyJob":
         """Let the helper threads start on the parts; `finish()` joins in and waits."""
         total = sum(dst.nbytes for dst, _ in pairs)
         if self.num_threads == 1 or total < _SPLIT_MIN_BYTES:
             return CopyJob(iter([pairs]), [])
-        if self._pool is None:
-            self._pool = concurrent.futures.ThreadPoolExecutor(
-                self.num_threads - 1, thread_name_prefix="kvtransfer-copy")
+        with self._lock:
+            if self._pool is None:
+                self._pool = concurrent.futures.ThreadPoolExecutor(
+                    self.num_threads - 1, thread_name_prefix="kvtransfer-copy")
         rounds = -(-total // (self.num_threads * _CHUNK_BYTES))
         parts = iter(_parts(pairs, self.num_threads * rounds))  # next() is atomic (GIL)
         helpers = [self._pool.submit(_copy_all, parts) for _ in range(self.num_threads - 1)]
@@ -448,10 +450,11 @@ def _parts(pairs: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> list[Part]
     parts: list[Part] = []
     part: Part = []
     room = size
-    for dst, src in pairs:
-        whole = not (dst.flags.c_contiguous and src.flags.c_contiguous)
-        if not whole:
-            dst, src = dst.reshape(-1).view(np.uint8), src.reshape(-1).view(np.uint8)
+    for pair in pairs:
+        dst, src = _flat_bytes(pair[0]), _flat_bytes(pair[1])
+        whole = dst is None or src is None
+        if whole:
+            dst, src = pair
         at = 0
         while at < dst.nbytes:
             take = dst.nbytes if whole else min(room, dst.nbytes - at)
@@ -463,3 +466,10 @@ def _parts(pairs: Sequence[tuple[np.ndarray, np.ndarray]], n: int) -> list[Part]
     if part:
         parts.append(part)
     return parts
+
+
+def _flat_bytes(a: np.ndarray) -> np.ndarray | None:
+    """`a` as a 1-D byte array (the same memory), or None if it is not contiguous."""
+    if a.ndim == 1 and a.itemsize == 1:
+        return a  # a byte slice of it is a byte range, strided or not
+    return a.reshape(-1).view(np.uint8) if a.flags.c_contiguous else None

@@ -7,6 +7,7 @@ scheduler half talks to it only through `PDConnectorMetadata` (in) and the resul
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import threading
 from dataclasses import dataclass
@@ -19,7 +20,7 @@ from .config import PDConnectorConfig
 from .io_loop import IOLoop
 from .leases import LeaseTable
 from .memory import KVRegion, regions_from_kv_caches
-from .metadata import PDConnectorMetadata, PDHandshakeMetadata
+from .metadata import LoadSpec, PDConnectorMetadata, PDHandshakeMetadata
 from .receiver import KVReceiver, PullResult
 from .sender import KVSender, SendRecord
 from .stats import PDConnectorStats
@@ -157,8 +158,19 @@ class PDWorker:
                     note.remote_host, note.remote_port, lease_id)
                 ).add_done_callback(_log_failure)
         for load in meta.loads:
-            fut = self._io.submit(self.receiver.pull(load))
-            fut.add_done_callback(self._pull_finished)
+            self.pull(load).add_done_callback(self._pull_finished)
+
+    def pull(self, load: LoadSpec) -> concurrent.futures.Future[PullResult]:
+        """Start one pull: a shm-direct one is done here, on the calling thread, with
+        `shm_inline` (done within the engine's step, it is reported by this step's
+        `get_finished`); any other runs on the I/O loop."""
+        if self.config.shm_inline:
+            result = self.receiver.pull_inline(load)
+            if result is not None:
+                fut: concurrent.futures.Future[PullResult] = concurrent.futures.Future()
+                fut.set_result(result)
+                return fut
+        return self._io.submit(self.receiver.pull(load))
 
     def _pull_finished(self, fut) -> None:
         result: PullResult = fut.result()  # pull() never raises

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 
 import numpy as np
@@ -298,6 +299,68 @@ def test_lease_ending_during_a_direct_copy_discards_it(shm_pair):
     assert stats["num_pulls_direct"] == 0
 
 
+def test_direct_pull_on_an_open_session_is_done_in_the_step():
+    """With the session open, a direct pull is copied on the thread that starts it (the
+    engine's, in start_load_kv), so that step's get_finished reports it; its PullDone
+    still ends the lease. A lease that ends during such a copy still discards it."""
+    prefill, p_caches = make_worker(producer=True)
+    decode_, d_caches = make_worker(producer=False)
+    try:
+        grant(prefill, "r1", [3])
+        assert not _pull_and_stats(decode_, prefill, "d1", "r1", [5], [3])[0]  # handshake
+        assert wait_finished(prefill)[0] == {"r1"}
+        grant(prefill, "r2", [4, 9])
+        load(decode_, prefill, "d2", "r2", local=[6, 7], remote=[4, 9])
+        assert decode_.get_finished()[1] == {"d2"}  # no waiting: done within the call
+        assert not decode_.get_block_ids_with_load_errors()
+        for p, d in zip(p_caches.values(), d_caches.values()):
+            assert torch.equal(d[[6, 7]], p[[4, 9]])
+        assert decode_.get_stats().data["num_pulls_direct"] == 1
+        assert wait_finished(prefill)[0] == {"r2"}
+
+        copier = decode_.receiver._copier
+        real_start = copier.start
+
+        def start_then_expire(pairs):
+            job = real_start(pairs)
+            prefill.leases.release("r3", "expired")
+            return job
+
+        grant(prefill, "r3", [10])
+        copier.start = start_then_expire
+        errors, stats = _pull_and_stats(decode_, prefill, "d3", "r3", [11], [10])
+        assert errors == {11} and stats["failures"] == {"lease_unavailable": 1}
+    finally:
+        prefill.shutdown()
+        decode_.shutdown()
+
+
+@pytest.mark.parametrize("inline", [True, False])
+def test_which_thread_copies_a_direct_pull(inline):
+    prefill, _ = make_worker(producer=True)
+    decode_, _ = make_worker(producer=False, shm_inline=inline)
+    copier = decode_.receiver._copier
+    real_start, threads = copier.start, []
+
+    def start(pairs):
+        threads.append(threading.current_thread().name)
+        return real_start(pairs)
+
+    copier.start = start
+    try:
+        port = prefill.handshake_metadata().port
+        for i in (1, 2):  # the second on an open session
+            grant(prefill, f"r{i}", [3 + i])
+            spec = LoadSpec(f"d{i}", (6 + i,), f"r{i}", (3 + i,), "127.0.0.1", port)
+            result = decode_.pull(spec).result(timeout=30)
+            assert result.ok and result.mode == "shm-direct"
+        me = threading.current_thread().name
+        assert threads == ["kvtransfer-io", me if inline else "kvtransfer-io"]
+    finally:
+        prefill.shutdown()
+        decode_.shutdown()
+
+
 def test_direct_pulls_can_be_turned_off():
     prefill, _ = make_worker(producer=True)
     decode_, _ = make_worker(producer=False, shm_direct=False)
@@ -552,7 +615,8 @@ def test_blocks_straddling_a_partial_page_are_not_shared():
         pairs, outside = peer.plan([Run(0, 0, NUM_BLOCKS)], local_regions)
         assert outside == [(0, Run(0, 0, 1)), (0, Run(last, last, 1)),
                            (1, Run(0, 0, 1)), (1, Run(last, last, 1))]
-        assert [p[0].shape[0] for p in pairs] == [NUM_BLOCKS - 2] * 2
+        assert [p[0].nbytes for p in pairs] == [(NUM_BLOCKS - 2) * r.block_bytes
+                                                for r in local_regions]
         assert peer.plan([Run(1, 0, NUM_BLOCKS - 2)], local_regions)[1] == []
         peer.close()
     finally:
