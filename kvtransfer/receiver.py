@@ -17,7 +17,9 @@ paths, both synchronous and bounded copies, so nothing is left to cancel on fail
   board shows the lease holding all of them, copy, then read the board again. Still
   held after the copy means held all through it (leases never come back), so vLLM had
   not freed the blocks and they did not change. The result goes back at once; the
-  PullDone that frees the lease follows off the critical path. A lease not (yet) on
+  PullDone that frees the lease follows off the critical path. With the session open,
+  this runs on the thread that starts the pull (`pull_inline`: vLLM's engine thread,
+  config `shm_inline`), not on the I/O loop. A lease not (yet) on
   the board, e.g. a pull that raced ahead of its grant, or one that ended during the
   copy, takes the path below.
 - "shm", copy first, then ask: copy the blocks in the shared windows, then send the
@@ -278,7 +280,7 @@ class KVReceiver:
         block before the copy and still after it (see the module docstring); False:
         nothing counts, ask the peer."""
         pairs, outside = session.memory.plan(runs, self._regions)
-        if not self._config.shm_direct or outside or not pairs:
+        if outside or not pairs:
             return False
         board, spans = session.memory.board, [(r.src, r.length) for r in runs]
         if not board.holds_spans(load.remote_request_id, spans):
@@ -296,7 +298,8 @@ class KVReceiver:
         runs = self._plan(load)
         session = await self._session(load.remote_host, load.remote_port)
         marks["session"] = time.monotonic()
-        if session.memory is not None and self._direct(load, result, session, runs, marks):
+        if (session.memory is not None and self._config.shm_direct
+                and self._direct(load, result, session, runs, marks)):
             return
         plan = session.memory.plan(runs, self._regions) if session.memory else None
         await self._ask(load, runs, plan, session, result, marks)
