@@ -32,6 +32,10 @@ ENDPOINTS = ("completions", "chat")
 KV_ROLES = {Role.PREFILL: "kv_producer", Role.DECODE: "kv_consumer"}
 REPORT_INTERVAL_S = 0.5
 HEARTBEAT_S = 2.0
+# vLLM reports its counts with a step's outputs, so an abort that empties the engine
+# leaves the last ones standing; with none of our requests in flight, counts this old
+# are taken as stale (a running engine reports every step, a few ms apart).
+STALE_COUNTS_S = 0.25
 # Key a prefill replica adds to its reply: seconds the request spent in this replica.
 ENGINE_SECONDS_KEY = "pdserve_engine_seconds"
 GRACEFUL_SHUTDOWN_S = 5.0  # Serve's limit for a stopping replica's requests and __del__
@@ -73,6 +77,7 @@ class LoadStatLogger:
     def __init__(self, vllm_config: Any = None, engine_index: int = 0):
         self.num_running = 0
         self.num_waiting = 0
+        self.reported_at = 0.0  # time.monotonic() of the last scheduler numbers
         self.kv_cache_usage = 0.0
         # cumulative token counts: prompt tokens the connector supplied (external hits)
         # out of those it was asked about, and local prefix-cache hits
@@ -85,6 +90,7 @@ class LoadStatLogger:
                mm_cache_stats: Any = None, engine_idx: int = 0) -> None:
         if scheduler_stats is None:
             return
+        self.reported_at = time.monotonic()
         self.num_running = scheduler_stats.num_running_reqs
         self.num_waiting = scheduler_stats.num_waiting_reqs
         self.kv_cache_usage = scheduler_stats.kv_cache_usage
@@ -98,6 +104,13 @@ class LoadStatLogger:
             keys = scheduler_stats.kv_connector_stats.get(TIER_KEYS)
             if keys is not None:
                 self.held.apply(keys)
+
+    def counts(self, in_flight: bool) -> tuple[int, int]:
+        """(running, waiting) for the router: as last reported, or none when none of the
+        replica's calls is in flight and no report came for STALE_COUNTS_S."""
+        if not in_flight and time.monotonic() - self.reported_at > STALE_COUNTS_S:
+            return 0, 0
+        return self.num_running, self.num_waiting
 
     def log_engine_initialized(self) -> None:
         pass
@@ -129,6 +142,7 @@ class EngineServer:
 
         engine_args = AsyncEngineArgs.from_cli_args(args)
         self.load = LoadStatLogger()
+        self._in_flight = 0  # calls of generate() (and so prefill()) not yet ended
         StatLoggerBase.register(LoadStatLogger)  # vLLM checks the ABC, not duck typing
         self.engine = AsyncLLM.from_engine_args(
             engine_args, stat_loggers=[lambda *a, **k: self.load])
@@ -167,14 +181,18 @@ class EngineServer:
         request = validate_request(endpoint, body)
         create = (handler.create_completion if endpoint == "completions"
                   else handler.create_chat_completion)
-        result = await create(request, None)
-        if isinstance(result, ErrorResponse):
-            yield result.model_dump()
-        elif hasattr(result, "model_dump"):
-            yield result.model_dump(exclude_none=False)
-        else:
-            async for event in result:
-                yield event
+        self._in_flight += 1
+        try:
+            result = await create(request, None)
+            if isinstance(result, ErrorResponse):
+                yield result.model_dump()
+            elif hasattr(result, "model_dump"):
+                yield result.model_dump(exclude_none=False)
+            else:
+                async for event in result:
+                    yield event
+        finally:
+            self._in_flight -= 1
 
     async def prefill(self, endpoint: str, body: dict, replica_id: str | None = None) -> dict:
         """Run a non-streamed request (the P/D prefill: `max_tokens=1`, `do_remote_decode`)
@@ -210,8 +228,9 @@ class EngineServer:
         return listing.model_dump()
 
     async def stats(self) -> dict:
+        running, waiting = self.load.counts(self._in_flight > 0)
         stats = {"replica_id": self.replica_id, "role": self.role.value,
-                 "num_running": self.load.num_running, "num_waiting": self.load.num_waiting,
+                 "num_running": running, "num_waiting": waiting,
                  "kv_cache_usage": self.load.kv_cache_usage, "started_s": self.started_s,
                  "counters": dict(self.load.counters), "hash_spec": self.hash_spec}
         if self.role in KV_ROLES:

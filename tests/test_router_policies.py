@@ -78,3 +78,21 @@ def test_unknown_policy_lists_known_ones():
     config = RouterConfig.model_construct(policy="random")
     with pytest.raises(ValueError, match="least_loaded"):
         make_policy(config)
+
+
+def test_replica_counts_left_by_an_abort_do_not_stand():
+    """vLLM reports counts with a step's outputs; an abort that empties the engine
+    reports none, so its last counts would show an idle replica busy for good."""
+    from types import SimpleNamespace
+
+    from serving.engine import STALE_COUNTS_S, LoadStatLogger
+
+    load = LoadStatLogger()
+    prefix = SimpleNamespace(hits=0)
+    load.record(SimpleNamespace(num_running_reqs=1, num_waiting_reqs=2, kv_cache_usage=0.1,
+                                connector_prefix_cache_stats=None, prefix_cache_stats=prefix,
+                                kv_connector_stats=None), None)
+    assert load.counts(in_flight=False) == (1, 2)  # just reported: a step's numbers
+    load.reported_at -= 2 * STALE_COUNTS_S  # no step since
+    assert load.counts(in_flight=True) == (1, 2)  # a call of ours waits on the engine
+    assert load.counts(in_flight=False) == (0, 0)
