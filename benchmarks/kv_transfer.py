@@ -12,12 +12,13 @@ the same-host shm path (the prefill's KV memory mapped into the decode process) 
 find them on the prefill's lease board and take no round trip ("shm-direct") unless
 `--direct off` makes them ask. A pull starts as the engine's `start_load_kv` starts
 it (`PDWorker.pull`): a shm-direct pull is copied on the calling thread, the engine's
-own, unless `--inline off` hands it to the I/O thread. Next to each pull the run times a numpy copy of the
-same number of bytes between two warm buffers of its own: pull, copy, pull, copy, ...,
-so both see the same load and the same cache. A pull never copies blocks it has just
-copied, while a copy repeated back to back in a tight loop at 16 MiB (32 MiB touched,
-the L3 size of a typical server CPU) runs partly from the cache; that figure is printed
-too ("copy, hot loop"), but the ratio is taken against the alternated copy.
+own, unless `--inline off` hands it to the I/O thread. Next to each pull the run
+times a numpy copy of the same number of bytes between two warm buffers of its own:
+pull, copy, pull, copy, ..., so both see the same load and the same cache. A pull
+never copies blocks it has just copied, while a copy repeated back to back in a tight
+loop at 16 MiB (32 MiB touched, the L3 size of a typical server CPU) runs partly from
+the cache; that figure is printed too ("copy, hot loop"), but the ratio is taken
+against the alternated copy.
 
 Then, for a 2,000-token prompt on the model, it measures the prefill time of a vLLM
 engine and the pull time of that prompt's blocks, and prints their ratio.
