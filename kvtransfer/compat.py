@@ -6,6 +6,7 @@ from dataclasses import asdict, dataclass, fields
 from typing import Any
 
 from .errors import IncompatiblePeer
+from .protocol import PROTOCOL_VERSION
 
 
 @dataclass(frozen=True, slots=True)
@@ -13,7 +14,8 @@ class KVSpec:
     """The shape of one engine's paged KV cache, as its peers see it.
 
     `num_blocks` is informative (peers differ); everything else must match, because a
-    block from the peer is written byte for byte into a local block.
+    block from the peer is written byte for byte into a local block, and the two must
+    speak one wire protocol (`protocol`; 0 from a peer older than the field).
     """
 
     model: str
@@ -25,6 +27,7 @@ class KVSpec:
     layout: str
     region_block_bytes: tuple[int, ...]
     num_blocks: int = 0
+    protocol: int = PROTOCOL_VERSION
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)
@@ -34,16 +37,17 @@ class KVSpec:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "KVSpec":
         known = {f.name for f in fields(cls)}
-        missing = known - set(data) - {"num_blocks"}
+        missing = known - set(data) - {"num_blocks", "protocol"}
         if missing:
             raise IncompatiblePeer(f"peer KV spec lacks fields {sorted(missing)}")
         values = {k: v for k, v in data.items() if k in known}
         values["region_block_bytes"] = tuple(values["region_block_bytes"])
+        values.setdefault("protocol", 0)
         return cls(**values)
 
 
 _MUST_MATCH = (
-    "model", "dtype", "block_size", "num_layers", "num_kv_heads", "head_size",
+    "protocol", "model", "dtype", "block_size", "num_layers", "num_kv_heads", "head_size",
     "layout", "region_block_bytes",
 )
 

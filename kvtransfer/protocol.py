@@ -34,6 +34,11 @@ import struct
 from dataclasses import asdict, dataclass, fields
 from typing import Any, ClassVar
 
+# The version of this conversation and of the shm lease board (board.py). Both sides
+# send it in their KV spec (compat.py), so a peer that speaks another version is refused
+# at the handshake, by name, and its requests recompute. Raise it with any change to a
+# message, to what a field means, or to the board's cells.
+PROTOCOL_VERSION = 1
 MAX_FRAME_BYTES = 16 << 20
 _HEADER = struct.Struct(">I")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import threading
 import time
 
@@ -20,7 +21,8 @@ from kvtransfer.memory import (
     Run, check_block_ids, coalesce, regions_from_kv_caches, split_runs,
 )
 from kvtransfer.metadata import LoadSpec, PDConnectorMetadata, TransferParams
-from kvtransfer.protocol import ProtocolError, PullRequest, decode, encode
+from kvtransfer.protocol import (PROTOCOL_VERSION, ProtocolError, PullRequest, decode,
+                                 encode)
 from kvtransfer.shm import PAGE, FdServer, ParallelCopier, PeerMemory, SharedKV, _parts
 from kvtransfer.worker import ModelIdentity, PDWorker
 from tests.kvtransfer_helpers.remote import IDENTITY, RemotePrefill, expected_block
@@ -121,6 +123,14 @@ def test_compat_names_every_mismatch():
     with pytest.raises(IncompatiblePeer, match="block_size.*dtype|dtype.*block_size"):
         check_compatible(_spec(), _spec(block_size=16, dtype="bfloat16"))
     assert KVSpec.from_dict(_spec().to_dict()) == _spec()
+
+
+def test_compat_refuses_another_protocol_version():
+    with pytest.raises(IncompatiblePeer, match=f"protocol: local={PROTOCOL_VERSION} peer=9"):
+        check_compatible(_spec(), _spec(protocol=9))
+    older = {k: v for k, v in _spec().to_dict().items() if k != "protocol"}
+    with pytest.raises(IncompatiblePeer, match="protocol: local=.* peer=0"):
+        check_compatible(_spec(), KVSpec.from_dict(older))
 
 
 def test_block_ids_are_bounds_checked():
@@ -401,9 +411,12 @@ def test_handshake_checks_secret_and_compatibility():
     right, right_caches = make_worker(producer=False, shared_secret="s3cret")
     other_model, _ = make_worker(producer=False, shared_secret="s3cret",
                                  identity=ModelIdentity("other", 32, 2, 8))
+    older, _ = make_worker(producer=False, shared_secret="s3cret")
+    older.receiver._spec = dataclasses.replace(older.spec, protocol=PROTOCOL_VERSION - 1)
     try:
         grant(prefill, "r1", [3])
-        cases = [(wrong, "auth_failed"), (other_model, "incompatible_peer")]
+        cases = [(wrong, "auth_failed"), (other_model, "incompatible_peer"),
+                 (older, "incompatible_peer")]
         for worker, reason in cases:
             load(worker, prefill, "d1", "r1", local=[5], remote=[3])
             assert wait_finished(worker)[2] == {5}
@@ -411,7 +424,7 @@ def test_handshake_checks_secret_and_compatibility():
         load(right, prefill, "d1", "r1", local=[5], remote=[3])
         assert wait_finished(right) == (set(), {"d1"}, set())
     finally:
-        for w in (prefill, wrong, right, other_model):
+        for w in (prefill, wrong, right, other_model, older):
             w.shutdown()
 
 
