@@ -47,6 +47,7 @@ import argparse
 import http.client
 import json
 import os
+import select
 import statistics
 import tempfile
 import time
@@ -121,6 +122,16 @@ def pull_totals(client: httpx.Client, base_url: str) -> tuple[float, float]:
     return count, total
 
 
+def _reconnect_if_closed(conn: http.client.HTTPConnection) -> None:
+    """Before the clock starts: a kept-alive connection that the server closed while
+    idle (its keep-alive timeout) reads as EOF; connect again, so a request neither
+    fails on it nor times the reconnect."""
+    if conn.sock is not None and select.select([conn.sock], [], [], 0)[0]:
+        conn.close()
+    if conn.sock is None:
+        conn.connect()
+
+
 @contextmanager
 def _stdlib_stream(conn: http.client.HTTPConnection, path: str, headers: dict[str, str],
                    body: dict) -> Iterator[tuple[Any, Iterator[str]]]:
@@ -185,6 +196,8 @@ class Client:
         self.pulls = pull_totals(self.http, base_url) if with_pulls else None
 
     def request(self, prompt: str, via_httpx: bool = False) -> Sample:
+        if not via_httpx:
+            _reconnect_if_closed(self.conn)
         body = {"model": self.model, "prompt": prompt, "max_tokens": self.output_tokens,
                 "temperature": 0.0, "ignore_eos": True, "stream": True}
         sample = stream_once(
