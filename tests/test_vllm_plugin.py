@@ -10,7 +10,7 @@ import pytest
 import zmq
 from vllm.distributed.device_communicators.shm_broadcast import SpinCondition
 
-from serving.vllm_plugin import SPIN_ENV, cap_engine_spin
+from serving.vllm_plugin import IDLE_RECHECK_MS, MIN_SPIN_S, SPIN_ENV, cap_engine_spin
 
 
 def test_vllm_finds_the_plugin():
@@ -37,8 +37,26 @@ def test_a_reader_sleeps_after_the_set_spin(monkeypatch, reader):
     assert reader.busy_loop_s == 0.05
     reader.last_read = time.monotonic() - 0.1  # past the cap: waits on the socket
     started = time.monotonic()
-    reader.wait(timeout_ms=200)  # nothing is written: it sleeps until the timeout
-    assert time.monotonic() - started >= 0.15
+    reader.wait(timeout_ms=30)  # nothing is written: it sleeps until the timeout
+    assert time.monotonic() - started >= 0.025
+
+
+def test_a_sleeping_reader_rechecks_its_queue(monkeypatch, reader):
+    """vLLM's wake-up pings are best-effort: one dropped would leave a reader asleep
+    until vLLM's own 5 s recheck; with the cap set, it looks again within 50 ms."""
+    monkeypatch.setenv(SPIN_ENV, "0.05")
+    cap_engine_spin()
+    reader.last_read = time.monotonic() - 0.1
+    for timeout_ms in (5000, None):
+        started = time.monotonic()
+        reader.wait(timeout_ms=timeout_ms)  # no ping comes
+        assert IDLE_RECHECK_MS / 2e3 <= time.monotonic() - started < 1
+
+
+def test_a_cap_below_the_floor_is_refused(monkeypatch, reader):
+    monkeypatch.setenv(SPIN_ENV, str(MIN_SPIN_S / 10))
+    with pytest.raises(ValueError, match="at least"):
+        cap_engine_spin()
 
 
 def test_unset_leaves_vllm_as_it_is(monkeypatch, reader):
