@@ -32,13 +32,18 @@ the ITL without the first gap are printed too: with the first token from the pre
 the decode hop, pull and first decode step move into the first gap.
 
 The aggregated engine is pinned to --aggregated-cores cores (VLLM_CPU_OMP_THREADS_BIND),
-the targets' "aggregated on one core". Tree memory is the sum over the server process
+the targets' "aggregated on one core". The issue's bar for that is vLLM's own server on
+one core, so unless --no-vllm, vLLM's OpenAI server (`vllm.entrypoints.openai.api_server`,
+the aggregated config's engine arguments and environment, pinned the same way, vLLM's
+own spin settings) is started third and gets the same prompts in the same rotation;
+its TTFT and ITL, and P/D's over them, are printed too. Tree memory is the sum over the server process
 and all its descendants (Ray's GCS, raylet, workers, engine processes): RSS, which
 counts shared pages once per process, and PSS, which splits them.
 
 Last line: `overhead_p50_ms=.. overhead_p99_ms=.. ttft_ratio=.. itl_ratio=.. ready_s=..
-tree_rss_gb=.. httpx_overhead_p50_ms=..` (ratios are P/D over aggregated, TTFT by
-median, ITL by mean, all from the http.client requests).
+tree_rss_gb=.. httpx_overhead_p50_ms=.. [vllm_ttft_ratio=.. vllm_itl_ratio=..]` (ratios
+are P/D over aggregated, or over vLLM's server, TTFT by median, ITL by mean, all from
+the http.client requests).
 """
 
 from __future__ import annotations
@@ -49,9 +54,10 @@ import json
 import os
 import select
 import statistics
+import sys
 import tempfile
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ContextManager, Iterator
@@ -61,7 +67,9 @@ import numpy as np
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.servers import pdserve_auth_headers, start_pdserve
+from benchmarks.servers import ManagedServer, pdserve_auth_headers, start_pdserve
+from serving.config import Role
+from serving.vllm_plugin import SPIN_ENV
 
 METRICS_WAIT_S = 5.0
 QUIET = {"PDSERVE_ENGINE_LOGS": "0"}  # server logs without every engine's lines
@@ -279,6 +287,33 @@ def pinned_config(config_path: str, cores: int, out_dir: str) -> str:
     return str(path)
 
 
+def vllm_server(agg_config: str, model_dir: str, served_name: str, log_path: Path,
+                ) -> tuple[ManagedServer, float]:
+    """vLLM's own OpenAI server with the aggregated pool's engine arguments and
+    environment (as `pinned_config` left them), started and ready; (server, seconds)."""
+    from serving.config import app_config_from_file
+
+    config, _ = app_config_from_file(agg_config)
+    pool = config.pools()[Role.AGGREGATED]
+    argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+            "--served-model-name", served_name, "--host", "127.0.0.1", "--port", "{port}"]
+    for key, value in pool.engine_kwargs.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not False:
+            argv += [flag, str(value)]
+    env = {k: str(v) for k, v in pool.env.items() if k != SPIN_ENV}  # vLLM as it ships
+    server = ManagedServer(argv, env=env, log_path=log_path, ready_timeout_s=600)
+    started = time.monotonic()
+    try:
+        server.start()
+    except BaseException:
+        server.stop(grace_s=5.0)
+        raise
+    return server, time.monotonic() - started
+
+
 @dataclass(slots=True)
 class ServerRun:
     ready_s: float
@@ -297,7 +332,8 @@ class ServerRun:
 
 def measure(pd_config: str, agg_config: str, model: str, prompts: list[str],
             httpx_prompts: list[str], output_tokens: int, logs: Path, gap_s: float,
-            ) -> tuple[ServerRun, ServerRun]:
+            vllm_model_dir: str | None = None,
+            ) -> tuple[ServerRun, ServerRun, ServerRun | None]:
     """Start P/D, then aggregated (each alone, for its ready time); then alternate one
     request to each, so both see the same machine load, and one more to P/D over httpx
     with a prompt of its own; the first round warms up.
@@ -305,33 +341,40 @@ def measure(pd_config: str, agg_config: str, model: str, prompts: list[str],
     `gap_s` between requests lets the engine that just ran go idle: vLLM's engine and
     worker processes busy-poll their message queue for 1 s after each message
     (`shm_broadcast`'s busy loop), and the aggregated engine shares its core with the
-    prefill engine."""
-    pd_server, pd_ready = start_pdserve(pd_config, logs / "pd.log", QUIET)
-    try:
+    prefill engine. With `vllm_model_dir`, vLLM's own server (`vllm_server`) is started
+    third and takes its turn after aggregated."""
+    with ExitStack() as stack:
+        pd_server, pd_ready = start_pdserve(pd_config, logs / "pd.log", QUIET)
+        stack.callback(pd_server.stop)
         agg_server, agg_ready = start_pdserve(agg_config, logs / "aggregated.log", QUIET)
-        try:
-            pd, agg = ServerRun(pd_ready), ServerRun(agg_ready)
-            clients = [(pd, Client(pd_server.base_url, model, output_tokens, True)),
-                       (agg, Client(agg_server.base_url, model, output_tokens, False))]
-            for i, (prompt, other) in enumerate(zip(prompts, httpx_prompts)):
-                for run, client in clients:
-                    time.sleep(gap_s)
-                    sample = client.request(prompt)
-                    if i:
-                        run.samples.append(sample)
+        stack.callback(agg_server.stop)
+        pd, agg = ServerRun(pd_ready), ServerRun(agg_ready)
+        clients = [(pd, Client(pd_server.base_url, model, output_tokens, True)),
+                   (agg, Client(agg_server.base_url, model, output_tokens, False))]
+        servers = [(pd, pd_server), (agg, agg_server)]
+        vllm = None
+        if vllm_model_dir is not None:
+            vllm_srv, vllm_ready = vllm_server(agg_config, vllm_model_dir, model,
+                                               logs / "vllm.log")
+            stack.callback(vllm_srv.stop)
+            vllm = ServerRun(vllm_ready)
+            clients.append((vllm, Client(vllm_srv.base_url, model, output_tokens, False)))
+            servers.append((vllm, vllm_srv))
+        for i, (prompt, other) in enumerate(zip(prompts, httpx_prompts)):
+            for run, client in clients:
                 time.sleep(gap_s)
-                sample = clients[0][1].request(other, via_httpx=True)
+                sample = client.request(prompt)
                 if i:
-                    pd.httpx_samples.append(sample)
-            for run, server in ((pd, pd_server), (agg, agg_server)):
-                run.memory = tree_memory(server.proc.pid)
-            for _, client in clients:
-                client.close()
-        finally:
-            agg_server.stop()
-    finally:
-        pd_server.stop()
-    return pd, agg
+                    run.samples.append(sample)
+            time.sleep(gap_s)
+            sample = clients[0][1].request(other, via_httpx=True)
+            if i:
+                pd.httpx_samples.append(sample)
+        for run, server in servers:
+            run.memory = tree_memory(server.proc.pid)
+        for _, client in clients:
+            client.close()
+    return pd, agg, vllm
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -348,7 +391,8 @@ def _overhead(samples: list[Sample]) -> list[float]:
             for s in samples]
 
 
-def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int) -> str:
+def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int,
+           vllm: ServerRun | None = None) -> str:
     ms = 1e3
     remote = _remote(pd.samples)
     overhead = _overhead(remote)
@@ -386,6 +430,20 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
              "largest P/D processes (RSS / PSS GB): " + ", ".join(
                  f"{p.name} {p.rss / 1e9:.2f}/{p.pss / 1e9:.2f}"
                  for p in sorted(pd.memory, key=lambda p: -p.rss)[:6])]
+    vllm_ratios = ""
+    if vllm is not None and vllm.samples:
+        v_ttft = statistics.median(s.ttft for s in vllm.samples)
+        v_itl = statistics.fmean(g for s in vllm.samples for g in s.gaps)
+        v_rest = statistics.fmean(g for s in vllm.samples for g in s.gaps[1:])
+        lines.append(
+            f"vLLM's own server, same engine and cores: TTFT p50 {v_ttft * ms:.1f} ms, "
+            f"ITL mean {v_itl * ms:.2f} ms ({v_rest * ms:.2f} from the 2nd gap), ready "
+            f"{vllm.ready_s:.1f} s, tree RSS {vllm.rss / 1e9:.2f} GB; over it: P/D TTFT "
+            f"{statistics.median(pd_ttft) / v_ttft:.2f}, ITL {pd_itl / v_itl:.2f}; "
+            f"aggregated TTFT {statistics.median(agg_ttft) / v_ttft:.2f}, "
+            f"ITL {agg_itl / v_itl:.2f}")
+        vllm_ratios = (f" vllm_ttft_ratio={statistics.median(pd_ttft) / v_ttft:.2f}"
+                       f" vllm_itl_ratio={pd_itl / v_itl:.2f}")
     if not remote:
         lines.append("no request took the remote P/D path: overhead not measured")
         lines.append("overhead_p50_ms=nan overhead_p99_ms=nan")
@@ -409,7 +467,8 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
         f"ttft_ratio={statistics.median(pd_ttft) / statistics.median(agg_ttft):.2f} "
         f"itl_ratio={pd_itl / agg_itl:.2f} ready_s={pd.ready_s:.1f} "
         f"tree_rss_gb={pd.rss / 1e9:.2f} httpx_overhead_p50_ms="
-        f"{statistics.median(overhead_httpx) * ms if overhead_httpx else float('nan'):.2f}")
+        f"{statistics.median(overhead_httpx) * ms if overhead_httpx else float('nan'):.2f}"
+        + vllm_ratios)
     return "\n".join(lines)
 
 
@@ -427,6 +486,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gap-s", type=float, default=1.5,
                         help="pause before each request (lets the other engine go idle)")
     parser.add_argument("--log-dir", default=None, help="server logs (default: a temp dir)")
+    parser.add_argument("--no-vllm", action="store_true",
+                        help="leave out vLLM's own server (the targets' one-core bar)")
     args = parser.parse_args(argv)
 
     config, _ = app_config_from_file(args.pd_config)
@@ -436,9 +497,11 @@ def main(argv: list[str] | None = None) -> None:
         logs = Path(args.log_dir or tmp)
         agg_config = pinned_config(args.aggregated_config, args.aggregated_cores, tmp)
         half = args.num_requests + 1
-        pd, agg = measure(args.pd_config, agg_config, config.model_name, prompts[:half],
-                          prompts[half:], args.output_tokens, logs, args.gap_s)
-    print(report(pd, agg, args.prompt_tokens, args.output_tokens))
+        pd, agg, vllm = measure(
+            args.pd_config, agg_config, config.model_name, prompts[:half], prompts[half:],
+            args.output_tokens, logs, args.gap_s,
+            None if args.no_vllm else resolve_model(config.model))
+    print(report(pd, agg, args.prompt_tokens, args.output_tokens, vllm))
 
 
 if __name__ == "__main__":
