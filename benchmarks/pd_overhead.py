@@ -67,7 +67,8 @@ import numpy as np
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
-from benchmarks.servers import ManagedServer, pdserve_auth_headers, start_pdserve
+from benchmarks.servers import (ManagedServer, pdserve_auth_headers, start_pdserve,
+                                start_timed)
 from serving.config import Role
 from serving.vllm_plugin import SPIN_ENV
 
@@ -304,14 +305,7 @@ def vllm_server(agg_config: str, model_dir: str, served_name: str, log_path: Pat
         elif value is not False:
             argv += [flag, str(value)]
     env = {k: str(v) for k, v in pool.env.items() if k != SPIN_ENV}  # vLLM as it ships
-    server = ManagedServer(argv, env=env, log_path=log_path, ready_timeout_s=600)
-    started = time.monotonic()
-    try:
-        server.start()
-    except BaseException:
-        server.stop(grace_s=5.0)
-        raise
-    return server, time.monotonic() - started
+    return start_timed(ManagedServer(argv, env=env, log_path=log_path, ready_timeout_s=600))
 
 
 @dataclass(slots=True)

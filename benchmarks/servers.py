@@ -140,8 +140,13 @@ def start_pdserve(config_path: str, log_path: Path | None = None,
     """`pdserve serve CONFIG` on a free port, started and ready; (server, seconds to
     ready). The caller stops it."""
     command = [sys.executable, "-m", "serving.cli", "serve", config_path, "--port", "{port}"]
-    server = ManagedServer(shlex.join(command), log_path=log_path, ready_timeout_s=600,
-                           env=env)
+    return start_timed(ManagedServer(shlex.join(command), log_path=log_path,
+                                     ready_timeout_s=600, env=env))
+
+
+def start_timed(server: ManagedServer) -> tuple[ManagedServer, float]:
+    """Start `server` and wait until it is ready; (server, seconds to ready). Stopped
+    again if it fails to start; otherwise the caller stops it."""
     started = time.monotonic()
     try:
         server.start()
