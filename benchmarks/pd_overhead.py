@@ -36,9 +36,9 @@ the targets' "aggregated on one core". The issue's bar for that is vLLM's own se
 one core, so unless --no-vllm, vLLM's OpenAI server (`vllm.entrypoints.openai.api_server`,
 the aggregated config's engine arguments and environment, pinned the same way, vLLM's
 own spin settings) is started third and gets the same prompts in the same rotation;
-its TTFT and ITL, and P/D's over them, are printed too. Tree memory is the sum over the server process
-and all its descendants (Ray's GCS, raylet, workers, engine processes): RSS, which
-counts shared pages once per process, and PSS, which splits them.
+its TTFT and ITL, and P/D's over them, are printed too. Tree memory is the sum over the
+server process and all its descendants (Ray's GCS, raylet, workers, engine processes):
+RSS, which counts shared pages once per process, and PSS, which splits them.
 
 Last line: `overhead_p50_ms=.. overhead_p99_ms=.. ttft_ratio=.. itl_ratio=.. ready_s=..
 tree_rss_gb=.. httpx_overhead_p50_ms=.. [vllm_ttft_ratio=.. vllm_itl_ratio=..]` (ratios
@@ -69,7 +69,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from benchmarks.servers import (ManagedServer, pdserve_auth_headers, start_pdserve,
                                 start_timed)
-from serving.config import Role
+from serving.config import Role, app_config_from_file
 from serving.vllm_plugin import SPIN_ENV
 
 METRICS_WAIT_S = 5.0
@@ -292,8 +292,6 @@ def vllm_server(agg_config: str, model_dir: str, served_name: str, log_path: Pat
                 ) -> tuple[ManagedServer, float]:
     """vLLM's own OpenAI server with the aggregated pool's engine arguments and
     environment (as `pinned_config` left them), started and ready; (server, seconds)."""
-    from serving.config import app_config_from_file
-
     config, _ = app_config_from_file(agg_config)
     pool = config.pools()[Role.AGGREGATED]
     argv = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
@@ -302,6 +300,8 @@ def vllm_server(agg_config: str, model_dir: str, served_name: str, log_path: Pat
         flag = "--" + key.replace("_", "-")
         if value is True:
             argv.append(flag)
+        elif isinstance(value, (dict, list)):
+            argv += [flag, json.dumps(value)]  # vLLM's CLI takes JSON for these
         elif value is not False:
             argv += [flag, str(value)]
     env = {k: str(v) for k, v in pool.env.items() if k != SPIN_ENV}  # vLLM as it ships
@@ -467,7 +467,6 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
 
 
 def main(argv: list[str] | None = None) -> None:
-    from serving.config import app_config_from_file
     from serving.model import resolve_model
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
