@@ -9,10 +9,21 @@ from __future__ import annotations
 import os
 from enum import Enum
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, field_validator,
+                      model_validator)
+
+from serving.placement import parse_cpu_list
+
+
+def _cpu_list(value: str) -> str:
+    parse_cpu_list(value)  # ValueError: pydantic reports it against the field
+    return value
+
+
+CpuList = Annotated[str, AfterValidator(_cpu_list)]
 
 
 class StrictModel(BaseModel):
@@ -47,6 +58,12 @@ class PoolConfig(StrictModel):
     kv_connector: dict[str, Any] = Field(
         default_factory=dict, description="PDConnector settings (kv_connector_extra_config) "
                                           "of a prefill or decode pool: lease_s, host, ...")
+    cpus: CpuList | None = Field(
+        None, description="CPU engines: the CPUs (Linux list, e.g. '0' or '2-3') of this "
+                          "pool's replica processes and vLLM's EngineCore, which busy-waits "
+                          "on the worker through each step; the worker's compute threads "
+                          "go where VLLM_CPU_OMP_THREADS_BIND puts them. Unset: they float "
+                          "(serving/placement.py).")
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "PoolConfig":
@@ -124,6 +141,10 @@ class AppConfig(StrictModel):
     router: RouterConfig = Field(
         default_factory=lambda: RouterConfig(), description="How requests are assigned "
                                                             "to replicas (P/D only).")
+    serving_cpus: CpuList | None = Field(
+        None, description="CPU engines: the CPUs (Linux list) of the ingress, the router "
+                          "and, under `pdserve serve`, Ray's own processes, kept off the "
+                          "engine workers' cores. Unset: they float (serving/placement.py).")
 
     @model_validator(mode="after")
     def _one_topology(self) -> "AppConfig":

@@ -22,6 +22,7 @@ from serving.config import AppConfig, PoolConfig, Role
 from serving.direct import DirectServer
 from serving.metrics import KVTransferTotals
 from serving.model import resolve_model
+from serving.placement import place_engine, widen_for_engine
 from serving.prefix import RESYNC, TIER_KEYS, HashSpec, HeldBlocks
 from serving.protocol import validate_request
 from serving.router import RouterClient
@@ -126,6 +127,7 @@ class EngineServer:
     """One vLLM engine (aggregated, prefill or decode role) and its OpenAI handlers."""
 
     async def __init__(self, config: dict, role: str, router: Any = None):
+        widen_for_engine()  # first: vLLM's imports and start-up use every core
         from starlette.datastructures import State
         from vllm.entrypoints.openai.api_server import init_app_state
         from vllm.utils.gc_utils import freeze_gc_heap
@@ -146,6 +148,7 @@ class EngineServer:
         StatLoggerBase.register(LoadStatLogger)  # vLLM checks the ABC, not duck typing
         self.engine = AsyncLLM.from_engine_args(
             engine_args, stat_loggers=[lambda *a, **k: self.load])
+        place_engine(pool.cpus)  # its EngineCore is up: workers are bound by now
         self.state = State()
         tasks = await self.engine.get_supported_tasks()
         await init_app_state(self.engine, self.state, args, supported_tasks=tasks)

@@ -28,6 +28,7 @@ from serving.errors import (AuthenticationError, BadRequestError, NotFoundError,
                             UpstreamTimeoutError, error_body, error_for)
 from serving.head import head_event, merge_response, relay_event
 from serving.metrics import RequestTimer, ServingMetrics
+from serving.placement import place_serving
 from serving.router import RouterClient
 from serving.protocol import validate_request
 
@@ -57,6 +58,7 @@ class OpenAIIngress:
         from vllm.utils.gc_utils import freeze_gc_heap
 
         self.config = AppConfig.model_validate(config)
+        place_serving(self.config.serving_cpus)
         direct = (DirectClients() if self.config.is_disaggregated
                   and self.config.router.direct_calls else None)
         self.router = RouterClient(router, direct)

@@ -13,6 +13,7 @@ import time
 
 from serving.config import app_config_from_file
 from serving.loopback import LOOPBACK, loopback_env
+from serving.placement import LAUNCH_CPUS_ENV, format_cpu_list, place_serving
 
 logger = logging.getLogger("pdserve")
 
@@ -45,6 +46,15 @@ def _direct_ingress(port: int, host: str) -> int:
     return _free_port(host)
 
 
+def _place_ray(serving_cpus: str | None) -> None:
+    """With `serving_cpus`, this process moves there before it starts Ray, and so does
+    every process Ray starts; engine replicas widen back to the CPUs it had
+    (serving/placement.py)."""
+    if serving_cpus is not None:
+        os.environ.setdefault(LAUNCH_CPUS_ENV, format_cpu_list(os.sched_getaffinity(0)))
+        place_serving(serving_cpus)
+
+
 def serve_foreground(config_path: str, host: str | None = None,
                      port: int | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
@@ -62,6 +72,8 @@ def serve_foreground(config_path: str, host: str | None = None,
     if os.environ.get("PDSERVE_DIRECT_INGRESS", "1") == "1":
         port = port or _free_port(host)
         proxy_port = _direct_ingress(port, host)
+
+    _place_ray(config.serving_cpus)
 
     import ray
     from ray import serve

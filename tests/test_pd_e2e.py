@@ -149,6 +149,37 @@ def test_every_listener_is_on_loopback(pd_server):
     assert not outside, outside
 
 
+def test_only_the_decode_worker_and_the_prefill_side_use_the_decode_core(pd_server):
+    """configs/cpu-pd.yaml's placement: the workers compute on their bound cores; the
+    prefill replica and its EngineCore run on core 1, everything else (Ray, ingress,
+    router, the decode replica and its EngineCore) on core 0."""
+    config, _ = app_config_from_file(REPO / PD_CONFIG)
+    serving = {int(config.serving_cpus)}
+    complete(pd_server, REQUESTS[0])
+    root = psutil.Process(pd_server.proc.pid)
+    tree = [root, *root.children(recursive=True)]
+    placed = {}
+    for role, pool in (("Prefill", config.prefill), ("Decode", config.decode)):
+        (replica,) = [p for p in tree if f"pdserve:{role}Engine" in " ".join(p.cmdline())]
+        for process in [replica, *replica.children(recursive=True)]:
+            if process.name().startswith("VLLM::Worker"):
+                placed[process.pid] = {int(pool.env["VLLM_CPU_OMP_THREADS_BIND"])}
+            else:
+                placed[process.pid] = {int(pool.cpus)}
+    assert len(placed) >= 6  # each pool: replica, EngineCore, worker
+    wrong = []
+    for process in tree:
+        expected = placed.get(process.pid, serving)
+        for thread in process.threads():
+            try:
+                cpus = os.sched_getaffinity(thread.id)
+            except ProcessLookupError:  # ended meanwhile
+                continue
+            if cpus != expected:
+                wrong.append((process.name(), thread.id, cpus, expected))
+    assert not wrong, wrong[:10]
+
+
 def test_killing_prefill_mid_run_loses_no_request(pd_server, reference):
     results, errors, slowest = [], [], 0.0
     killed = threading.Event()

@@ -1,0 +1,135 @@
+"""Which CPUs the serving processes run on, for CPU engines that share a box with them.
+
+vLLM's CPU backend binds a worker's compute threads to the cores in
+`VLLM_CPU_OMP_THREADS_BIND`, and leaves the rest floating: its EngineCore, which
+schedules every step and busy-waits on the worker between them, the replica process
+with vLLM's OpenAI layer, and here Ray's own processes, the ingress and the router.
+Whatever floats onto a worker's core takes turns with that worker's forward pass: on a
+2-core box serving P/D, tokens came 20-25% slower than with the same processes kept
+off the decode worker's core (`benchmarks/pd_overhead.py`, layouts rotated per request
+on one server). vLLM itself counts a core per EngineCore outside its workers' (its
+`reserve_cpu_num`) but does not place anything there.
+
+Two settings, in Linux CPU-list form ("0", "2-3,6"):
+  - `serving_cpus` (app): Ray's processes (under `pdserve serve`, which sets it on
+    itself before starting Ray, so everything Ray starts inherits it), the ingress and
+    the router actor.
+  - `cpus` (pool): the pool's replica processes and their EngineCores; the worker's
+    compute threads stay where vLLM binds them.
+
+An engine replica first widens itself to the CPUs `pdserve serve` was started with, so
+the processes vLLM starts may bind to any of them, then narrows itself and its
+EngineCore once the engine is up. Threads inherit their creator's CPUs, so threads
+started later stay within them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+logger = logging.getLogger("pdserve.placement")
+
+LAUNCH_CPUS_ENV = "PDSERVE_LAUNCH_CPUS"  # the CPUs `pdserve serve` was started with
+
+
+def parse_cpu_list(text: str) -> set[int]:
+    """"0-2,5" -> {0, 1, 2, 5}; ValueError on anything else."""
+    cpus: set[int] = set()
+    for part in text.replace(" ", "").split(","):
+        first, sep, last = part.partition("-")
+        if not first.isdigit() or (sep and not last.isdigit()):
+            raise ValueError(f"not a CPU list: {text!r} (expected e.g. '0', '2-3,6')")
+        low, high = int(first), int(last) if sep else int(first)
+        if high < low:
+            raise ValueError(f"not a CPU list: {text!r} ({part!r} runs backwards)")
+        cpus.update(range(low, high + 1))
+    return cpus
+
+
+def format_cpu_list(cpus: set[int]) -> str:
+    return ",".join(str(cpu) for cpu in sorted(cpus))
+
+
+def pin_process(pid: int, cpus: set[int]) -> int:
+    """Put every thread of process `pid` on `cpus`; returns how many were moved. Threads
+    that end meanwhile are skipped; OSError if none of `cpus` is usable here."""
+    moved = 0
+    try:
+        threads = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return 0
+    for tid in threads:
+        try:
+            os.sched_setaffinity(int(tid), cpus)
+        except ProcessLookupError:
+            continue
+        moved += 1
+    return moved
+
+
+def child_pids(pid: int) -> list[int]:
+    """The processes whose parent is `pid`."""
+    children = []
+    for tid in os.listdir(f"/proc/{pid}/task"):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children") as f:
+                children += [int(child) for child in f.read().split()]
+        except FileNotFoundError:
+            continue
+    return children
+
+
+def check_usable(cpus: set[int], setting: str) -> None:
+    """A clear error for CPUs this process may not run on (absent, or outside its
+    container's cpuset), before anything is moved."""
+    allowed = _allowed_cpus()
+    if not cpus & allowed:
+        raise ValueError(f"{setting}: CPUs {format_cpu_list(cpus)} are not available "
+                         f"here (allowed: {format_cpu_list(allowed)})")
+
+
+def place_serving(cpus: str | None) -> None:
+    """This process (the ingress, the router actor) on the app's `serving_cpus`."""
+    if cpus is None:
+        return
+    wanted = parse_cpu_list(cpus)
+    check_usable(wanted, "serving_cpus")
+    pin_process(os.getpid(), wanted)
+
+
+def widen_for_engine() -> None:
+    """Before vLLM starts its processes: back to the CPUs `pdserve serve` was started
+    with (it narrowed itself, and so everything Ray starts, to `serving_cpus`), so a
+    worker may bind to its cores."""
+    launch = os.environ.get(LAUNCH_CPUS_ENV)
+    if launch:
+        pin_process(os.getpid(), parse_cpu_list(launch))
+
+
+def place_engine(cpus: str | None) -> None:
+    """Once the engine is up: this replica process and its EngineCore (its child
+    processes, whose own children, the workers, keep vLLM's binding) on `cpus`."""
+    if cpus is None:
+        return
+    wanted = parse_cpu_list(cpus)
+    check_usable(wanted, "cpus")
+    pid = os.getpid()
+    moved = pin_process(pid, wanted)
+    for child in child_pids(pid):
+        moved += pin_process(child, wanted)
+    logger.info("replica %d and its engine scheduler on CPUs %s (%d threads)", pid,
+                format_cpu_list(wanted), moved)
+
+
+def _allowed_cpus() -> set[int]:
+    """The CPUs any process here may use (the container's cpuset), not just this one's
+    current mask, which `pdserve serve` may have narrowed."""
+    try:
+        with open("/sys/fs/cgroup/cpuset.cpus.effective") as f:
+            text = f.read().strip()
+        if text:
+            return parse_cpu_list(text)
+    except (OSError, ValueError):
+        pass
+    return set(range(os.cpu_count() or 1))

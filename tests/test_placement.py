@@ -1,0 +1,108 @@
+"""CPU placement (serving/placement.py) on real processes: each case runs in a
+subprocess of its own, so this test process keeps its CPUs."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from pydantic import ValidationError
+
+from serving.config import AppConfig
+from serving.placement import format_cpu_list, parse_cpu_list
+from tests.helpers.servers import REPO
+
+CPUS = sorted(os.sched_getaffinity(0))
+needs_two = pytest.mark.skipif(len(CPUS) < 2, reason="needs two CPUs")
+
+
+@pytest.mark.parametrize("text, cpus", [("0", {0}), ("2-3,6", {2, 3, 6}),
+                                        (" 1 , 4-5", {1, 4, 5}), ("3-3", {3})])
+def test_cpu_lists_parse(text, cpus):
+    assert parse_cpu_list(text) == cpus
+    assert parse_cpu_list(format_cpu_list(cpus)) == cpus
+
+
+@pytest.mark.parametrize("text", ["", "a", "1-", "3-1", "1,,2", "-1"])
+def test_bad_cpu_lists_are_refused_with_the_field_named(text):
+    with pytest.raises(ValueError, match="not a CPU list"):
+        parse_cpu_list(text)
+    with pytest.raises(ValidationError, match="decode.cpus"):
+        AppConfig.model_validate({"prefill": {}, "decode": {"cpus": text}})
+    with pytest.raises(ValidationError, match="serving_cpus"):
+        AppConfig.model_validate({"aggregated": {}, "serving_cpus": text})
+
+
+def _run(code: str, env: dict[str, str] | None = None) -> dict:
+    """Run `code` in a fresh interpreter; it prints one JSON line, returned here."""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, **(env or {})})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+AFFINITIES = """
+    import json, os, subprocess, sys, threading, time
+    def threads_of(pid):
+        return sorted({tuple(sorted(os.sched_getaffinity(int(t))))
+                       for t in os.listdir(f"/proc/{pid}/task")})
+"""
+
+
+@needs_two
+def test_an_engine_replica_and_its_children_move_but_grandchildren_keep_theirs():
+    first, second = CPUS[0], CPUS[1]
+    result = _run(AFFINITIES + f"""
+    from serving.placement import place_engine
+    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+    # a child (vLLM's EngineCore) with a thread, and its child (the worker), bound
+    child = subprocess.Popen([sys.executable, "-c", '''
+    import os, subprocess, sys, threading, time
+    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+    worker = subprocess.Popen([sys.executable, "-c", "import os, time; os.sched_setaffinity(0, {{{second}}}); print(os.getpid(), flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    print(worker.stdout.readline().strip(), flush=True)
+    time.sleep(30)
+    '''], stdout=subprocess.PIPE, text=True)
+    worker = int(child.stdout.readline())
+    place_engine("{first}")
+    later = []
+    t = threading.Thread(target=lambda: later.append(sorted(os.sched_getaffinity(0))))
+    t.start(); t.join()
+    print(json.dumps({{"own": threads_of(os.getpid()), "child": threads_of(child.pid),
+                      "worker": threads_of(worker), "later": later[0]}}))
+    child.kill(); os.kill(worker, 9)
+    """)
+    assert result["own"] == [[first]]  # every thread of the replica
+    assert result["child"] == [[first]]  # every thread of its EngineCore
+    assert result["worker"] == [[second]]  # vLLM's binding
+    assert result["later"] == [first]  # a thread started afterwards inherits it
+
+
+@needs_two
+def test_serving_cpus_then_an_engine_widens_back_to_the_launch_cpus():
+    first = CPUS[0]
+    result = _run(AFFINITIES + f"""
+    from serving.placement import LAUNCH_CPUS_ENV, format_cpu_list, place_serving, widen_for_engine
+    os.environ[LAUNCH_CPUS_ENV] = format_cpu_list(os.sched_getaffinity(0))
+    place_serving("{first}")
+    serving = threads_of(os.getpid())
+    widen_for_engine()
+    print(json.dumps({{"serving": serving, "engine": threads_of(os.getpid())}}))
+    """)
+    assert result["serving"] == [[first]]
+    assert result["engine"] == [CPUS]
+
+
+def test_cpus_this_box_lacks_are_a_clear_error():
+    missing = max(CPUS) + 64
+    done = subprocess.run(
+        [sys.executable, "-c", f"from serving.placement import place_engine; "
+                               f"place_engine('{missing}')"],
+        cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode != 0
+    assert f"cpus: CPUs {missing} are not available here" in done.stderr
