@@ -277,9 +277,13 @@ def tree_memory(root_pid: int) -> list[ProcessMemory]:
 
 
 def pinned_config(config_path: str, cores: int, out_dir: str) -> str:
-    """A copy of an aggregated config whose engine OMP threads are bound to `cores` cores."""
+    """A copy of an aggregated config whose engine OMP threads are bound to the last
+    `cores` cores: the idle P/D tree keeps its Ray and serving processes on the first
+    (configs/cpu-pd.yaml's `serving_cpus`), so the aggregated and vLLM workers get the
+    cores least in use."""
     doc = yaml.safe_load(Path(config_path).read_text())
-    bind = "0" if cores == 1 else f"0-{cores - 1}"
+    last = max(os.sched_getaffinity(0))
+    bind = str(last) if cores == 1 else f"{last - cores + 1}-{last}"
     for app in doc["applications"]:
         pool = app["args"]["aggregated"]
         pool["env"] = {**pool.get("env", {}), "VLLM_CPU_OMP_THREADS_BIND": bind}
