@@ -70,14 +70,28 @@ def pin_process(pid: int, cpus: set[int]) -> int:
 
 def child_pids(pid: int) -> list[int]:
     """The processes whose parent is `pid`."""
+    if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):  # CONFIG_PROC_CHILDREN
+        return [other for other in _all_pids() if _parent(other) == pid]
     children = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{tid}/children") as f:
                 children += [int(child) for child in f.read().split()]
-        except FileNotFoundError:
+        except FileNotFoundError:  # the thread ended
             continue
     return children
+
+
+def _all_pids() -> list[int]:
+    return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
+
+
+def _parent(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def check_usable(cpus: set[int], setting: str) -> None:

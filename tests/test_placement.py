@@ -106,3 +106,16 @@ def test_cpus_this_box_lacks_are_a_clear_error():
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert f"cpus: CPUs {missing} are not available here" in done.stderr
+
+
+def test_children_are_found_with_or_without_the_proc_children_file():
+    from serving.placement import _all_pids, _parent, child_pids
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        scanned = [pid for pid in _all_pids() if _parent(pid) == os.getpid()]
+        assert child.pid in child_pids(os.getpid())
+        assert child.pid in scanned
+    finally:
+        child.kill()
+        child.wait()
