@@ -87,10 +87,25 @@ class ManagedServer:
         raise ServerError(f"server not ready after {self.ready_timeout_s:.0f}s: "
                           f"{shlex.join(self.argv)}\n{self.log_tail()}")
 
+    def pause(self) -> None:
+        """Suspend the whole process group (SIGSTOP): it takes no CPU until `resume`."""
+        self._signal_group(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        self._signal_group(signal.SIGCONT)
+
+    def _signal_group(self, sig: signal.Signals) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            try:
+                os.killpg(self.proc.pid, sig)
+            except ProcessLookupError:
+                pass
+
     def stop(self, grace_s: float = 30.0) -> int | None:
         """Stop the whole process group; returns the exit code (None if never started)."""
         if self.proc is None:
             return None
+        self.resume()  # a suspended group would hold the signals below
         for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0),
                             (signal.SIGKILL, 10.0)):
             if self.proc.poll() is not None:
