@@ -11,10 +11,12 @@ import json
 import socket
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Iterator
 
+import httpx
 import pytest
 
 from benchmarks.__main__ import main
@@ -154,3 +156,45 @@ def test_ab_with_a_dead_side_exits_1_and_says_why(tmp_path: Path, capsys) -> Non
                "--result-dir", str(tmp_path), "--disable-tqdm"])
     assert rc == 1
     assert "exited with code 4" in capsys.readouterr().err
+
+
+FAKE_SERVER = """
+import json, sys, subprocess
+from http.server import BaseHTTPRequestHandler, HTTPServer
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+class H(BaseHTTPRequestHandler):
+    def log_message(self, *a): pass
+    def do_GET(self):
+        body = json.dumps({"data": [{"id": "fake"}], "child": child.pid}).encode()
+        self.send_response(200); self.send_header("content-length", str(len(body)))
+        self.end_headers(); self.wfile.write(body)
+HTTPServer(("127.0.0.1", int(sys.argv[1])), H).serve_forever()
+"""
+
+
+def _state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat") as f:
+        return f.read().rsplit(")", 1)[1].split()[0]
+
+
+def test_a_paused_server_tree_is_stopped_until_resumed_and_still_stops(tmp_path: Path) -> None:
+    server = ManagedServer([sys.executable, "-c", FAKE_SERVER, "{port}"], ready_timeout_s=30)
+    with server as url:
+        child = httpx.get(url + "/v1/models").json()["child"]
+        server.pause()
+        assert {_state(server.proc.pid), _state(child)} == {"T"}  # the whole group
+        server.resume()
+        assert "T" not in {_state(server.proc.pid), _state(child)}
+        assert httpx.get(url + "/v1/models").status_code == 200
+        server.pause()  # stop() resumes it first, or SIGINT would wait for a SIGCONT
+    assert server.proc.returncode is not None
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:  # killed with the group, then reaped by init
+        try:
+            if _state(child) == "Z":
+                break
+        except FileNotFoundError:
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"process {child} outlived its stopped server")
