@@ -177,14 +177,22 @@ def _state(pid: int) -> str:
         return f.read().rsplit(")", 1)[1].split()[0]
 
 
+def _wait_for_states(pid: int, child: int, done) -> None:
+    """Signals arrive asynchronously: wait up to 5 s for both processes' states."""
+    deadline = time.monotonic() + 5
+    while not done(states := {_state(pid), _state(child)}):
+        assert time.monotonic() < deadline, states
+        time.sleep(0.01)
+
+
 def test_a_paused_server_tree_is_stopped_until_resumed_and_still_stops(tmp_path: Path) -> None:
     server = ManagedServer([sys.executable, "-c", FAKE_SERVER, "{port}"], ready_timeout_s=30)
     with server as url:
         child = httpx.get(url + "/v1/models").json()["child"]
         server.pause()
-        assert {_state(server.proc.pid), _state(child)} == {"T"}  # the whole group
+        _wait_for_states(server.proc.pid, child, lambda states: states == {"T"})  # the group
         server.resume()
-        assert "T" not in {_state(server.proc.pid), _state(child)}
+        _wait_for_states(server.proc.pid, child, lambda states: "T" not in states)
         assert httpx.get(url + "/v1/models").status_code == 200
         server.pause()  # stop() resumes it first, or SIGINT would wait for a SIGCONT
     assert server.proc.returncode is not None
