@@ -84,3 +84,20 @@ def test_ab_sides_take_a_url_a_command_or_a_pdserve_config() -> None:
     assert shlex.split(a.command)[1:4] == ["-m", "serving.cli", "serve"]
     with pytest.raises(BenchConfigError, match="exactly one"):
         side_of(args, "b")
+
+
+def test_pd_overhead_pins_the_aggregated_engine_to_the_last_cores(tmp_path: Path) -> None:
+    """Off the cores configs/cpu-pd.yaml keeps Ray and the serving processes on."""
+    import os
+
+    from benchmarks.pd_overhead import pinned_config
+
+    last = max(os.sched_getaffinity(0))
+    one, _ = app_config_from_file(pinned_config(str(scenario.REPO / "configs" /
+                                                    "cpu-aggregated.yaml"), 1, str(tmp_path)))
+    assert one.aggregated.env["VLLM_CPU_OMP_THREADS_BIND"] == str(last)
+    if last >= 1:
+        two, _ = app_config_from_file(pinned_config(str(scenario.REPO / "configs" /
+                                                        "cpu-aggregated.yaml"), 2,
+                                                    str(tmp_path)))
+        assert two.aggregated.env["VLLM_CPU_OMP_THREADS_BIND"] == f"{last - 1}-{last}"
