@@ -5,8 +5,10 @@ A Serve handle call costs about 4 ms on a loaded 2-core box (the caller's reques
 router, the replica's queue bookkeeping, Ray's task hops), a Ray actor call 1-3 ms, and
 a streamed reply pays a Ray hop per token. A P/D request makes three such calls before
 its first token (router, prefill, decode), so the router actor and each engine replica
-of a fixed-size P/D pool also listen on a Unix socket in a private directory (mode
-0700: only this user's processes can connect), and tell their address and node:
+of a fixed-size P/D pool also listen on an abstract Unix socket (Linux's namespace of
+socket names: no file, so a replica that is killed leaves nothing behind; a connection
+from another user's process is closed unanswered, by its peer credentials), and tell
+their address (`unix://@name`) and node:
 engines with their load reports, which the router hands out with each assignment, the
 router when the ingress asks for its handle. The ingress on that node calls them there.
 The ingress on another node, an autoscaled pool (Serve's autoscaler counts the requests
@@ -35,11 +37,10 @@ import inspect
 import itertools
 import logging
 import os
-import shutil
 import socket
 import struct
-import tempfile
 import time
+import uuid
 from typing import Any, AsyncIterator, Callable
 
 import msgspec
@@ -81,15 +82,24 @@ class _Frames(asyncio.Protocol):
     """One connection: whole messages in (`on_message`), `send` out, `on_lost` once."""
 
     def __init__(self, on_message: Callable[["_Frames", list], None],
-                 on_lost: Callable[["_Frames"], None]):
-        self._on_message, self._on_lost = on_message, on_lost
+                 on_lost: Callable[["_Frames"], None],
+                 admit: Callable[[asyncio.BaseTransport], bool] | None = None):
+        self._on_message, self._on_lost, self._admit = on_message, on_lost, admit
         self._buffer = bytearray()
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        if self._admit is not None and not self._admit(transport):
+            transport.close()  # connection_lost follows: on_lost drops it
+            return
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
+        if self.transport is None:  # not admitted
+            return
+        self._receive(data)
+
+    def _receive(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
         at = 0
@@ -123,14 +133,12 @@ class DirectServer:
     def __init__(self, unary: dict[str, Callable[..., Any]],
                  streams: dict[str, Callable[..., AsyncIterator[Any]]]):
         self._unary, self._streams = unary, streams
-        self._dir = tempfile.mkdtemp(prefix="pdserve-")  # mode 0700
-        path = os.path.join(self._dir, "calls.sock")
-        self.address = SCHEME + path
+        self.address = f"{SCHEME}@pdserve-{os.getpid()}-{uuid.uuid4().hex[:16]}"
         self._loop = asyncio.get_running_loop()
         # Listening from here on: callers that connect before the loop serves the
         # socket wait in its backlog.
         self._listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._listener.bind(path)
+        self._listener.bind(_socket_name(self.address))
         self._listener.listen(128)
         self._server: asyncio.AbstractServer | None = None
         self._connections: set[_Frames] = set()
@@ -142,7 +150,7 @@ class DirectServer:
         self._server = await self._loop.create_unix_server(self._accept, sock=self._listener)
 
     def _accept(self) -> _Frames:
-        conn = _Frames(self._on_message, self._on_lost)
+        conn = _Frames(self._on_message, self._on_lost, _same_user)
         self._connections.add(conn)
         return conn
 
@@ -217,7 +225,6 @@ class DirectServer:
 
     def close(self) -> None:
         """Stop serving; callable from any thread (a replica's destructor)."""
-        shutil.rmtree(self._dir, ignore_errors=True)
         try:
             on_loop = asyncio.get_running_loop() is self._loop
         except RuntimeError:
@@ -258,7 +265,7 @@ class DirectClient:
         try:
             _, conn = await asyncio.wait_for(loop.create_unix_connection(
                 lambda: _Frames(self._on_message, self._on_lost),
-                self.address.removeprefix(SCHEME)), CONNECT_TIMEOUT_S)
+                _socket_name(self.address)), CONNECT_TIMEOUT_S)
         except (OSError, asyncio.TimeoutError) as exc:
             logger.debug("no direct connection to %s: %r", self.address, exc)
             self._break()
@@ -364,6 +371,28 @@ class DirectStream:
         if not self._done:
             self._done = True
             self._client._cancel(self._call_id)
+
+
+def _socket_name(address: str) -> str:
+    """`unix://@name` -> the abstract socket name ("\\0name"); `unix:///path` -> the path."""
+    name = address.removeprefix(SCHEME)
+    return "\0" + name[1:] if name.startswith("@") else name
+
+
+_PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def _same_user(transport: asyncio.BaseTransport) -> bool:
+    """The connecting process runs as this process's user (an abstract socket has no
+    file permissions: any process in the network namespace may connect)."""
+    sock = transport.get_extra_info("socket")
+    pid, uid, _ = _PEER_CREDENTIALS.unpack(sock.getsockopt(
+        socket.SOL_SOCKET, socket.SO_PEERCRED, _PEER_CREDENTIALS.size))
+    if uid == os.geteuid():
+        return True
+    logger.warning("direct call connection from pid %d (uid %d) refused: not uid %d",
+                   pid, uid, os.geteuid())
+    return False
 
 
 def _value_or_raise(kind: str, value: Any) -> Any:

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import multiprocessing as mp
 import os
-import stat
+import sys
 
 import pytest
 
@@ -75,15 +75,58 @@ def test_unary_and_stream_round_trip():
     asyncio.run(main())
 
 
-def test_socket_is_private_to_the_user():
+def test_the_socket_is_abstract_and_gone_with_its_server():
+    """No file to leave behind: a name in Linux's abstract socket namespace."""
     async def main():
         server = _server(Replica())
+        name = server.address.removeprefix("unix://")
+        assert name.startswith("@pdserve-")
+        with open("/proc/net/unix") as f:
+            assert name in f.read()
+        server.close()
+        await asyncio.sleep(0.05)
+        with open("/proc/net/unix") as f:
+            assert name not in f.read()
+        client = DirectClient(server.address)
+        with pytest.raises(DirectUnavailable):
+            await client.call("prefill", "c", {})
+
+    asyncio.run(main())
+
+
+OTHER_USER_CALL = """
+import os, socket, struct, sys
+import msgspec
+os.setuid(65534)  # nobody
+sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+sock.connect("\\0" + sys.argv[1])
+frame = msgspec.msgpack.encode([0, "prefill", ["c", {}]])
+sock.sendall(struct.pack("<I", len(frame)) + frame)
+sock.settimeout(10)
+try:
+    print("answered" if sock.recv(100) else "closed")
+except ConnectionResetError:
+    print("closed")
+"""
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to call as another user")
+def test_another_users_process_is_refused():
+    async def main():
+        replica = Replica()
+        server = _server(replica)
         try:
-            path = server.address.removeprefix("unix://")
-            assert stat.S_IMODE(os.stat(os.path.dirname(path)).st_mode) == 0o700
+            name = server.address.removeprefix("unix://@")
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, "-c", OTHER_USER_CALL, name,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+            out, err = await asyncio.wait_for(proc.communicate(), 30)
+            assert proc.returncode == 0, err.decode()
+            assert out.decode().strip() == "closed"  # unanswered
+            client = DirectClient(server.address)  # this user is still served
+            assert (await client.call("prefill", "c", {}))["endpoint"] == "c"
         finally:
             server.close()
-        assert not os.path.exists(os.path.dirname(path))
 
     asyncio.run(main())
 
