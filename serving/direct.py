@@ -263,9 +263,10 @@ class DirectClient:
     async def _connect(self) -> None:
         loop = asyncio.get_running_loop()
         try:
-            _, conn = await asyncio.wait_for(loop.create_unix_connection(
-                lambda: _Frames(self._on_message, self._on_lost),
-                _socket_name(self.address)), CONNECT_TIMEOUT_S)
+            sock = await asyncio.wait_for(_connected(_socket_name(self.address)),
+                                          CONNECT_TIMEOUT_S)
+            _, conn = await loop.create_unix_connection(
+                lambda: _Frames(self._on_message, self._on_lost), sock=sock)
         except (OSError, asyncio.TimeoutError) as exc:
             logger.debug("no direct connection to %s: %r", self.address, exc)
             self._break()
@@ -377,6 +378,24 @@ def _socket_name(address: str) -> str:
     """`unix://@name` -> the abstract socket name ("\\0name"); `unix:///path` -> the path."""
     name = address.removeprefix(SCHEME)
     return "\0" + name[1:] if name.startswith("@") else name
+
+
+async def _connected(name: str) -> socket.socket:
+    """A Unix stream socket connected to `name`. Connected here, not by the loop: uvloop
+    (Serve's event loop) refuses abstract names with EINVAL. A Unix socket connects at
+    once or, with the listener's backlog full, not yet (EAGAIN): then it tries again."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.setblocking(False)
+    try:
+        while True:
+            try:
+                sock.connect(name)
+                return sock
+            except BlockingIOError:
+                await asyncio.sleep(0.005)
+    except BaseException:
+        sock.close()
+        raise
 
 
 _PEER_CREDENTIALS = struct.Struct("3i")  # struct ucred: pid, uid, gid

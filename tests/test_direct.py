@@ -75,6 +75,19 @@ def test_unary_and_stream_round_trip():
     asyncio.run(main())
 
 
+def test_calls_work_on_uvloop_as_in_serve_replicas():
+    """Serve runs replicas on uvloop, which refuses abstract socket names itself."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def main():
+        async with connected(Replica()) as (server, client):
+            assert (await client.call("prefill", "c", {}))["endpoint"] == "c"
+            events = [e async for e in await client.stream("generate", "chat", {"n": 2})]
+            assert events == ["data: 0\n\n", "data: 1\n\n"]
+
+    uvloop.run(main())
+
+
 def test_the_socket_is_abstract_and_gone_with_its_server():
     """No file to leave behind: a name in Linux's abstract socket namespace."""
     async def main():
