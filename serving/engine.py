@@ -22,7 +22,7 @@ from serving.config import AppConfig, PoolConfig, Role
 from serving.direct import DirectServer
 from serving.metrics import KVTransferTotals
 from serving.model import resolve_model
-from serving.placement import place_engine, widen_for_engine
+from serving.placement import place_engine, usable, widen_for_engine
 from serving.prefix import RESYNC, TIER_KEYS, HashSpec, HeldBlocks
 from serving.protocol import validate_request
 from serving.router import RouterClient
@@ -138,6 +138,8 @@ class EngineServer:
         self.role = Role(role)
         self.replica_id = _replica_id()
         pool = self.config.pools()[self.role]
+        if pool.cpus is not None:
+            usable(pool.cpus, "cpus")  # refused before the engine starts, not after
         started = time.monotonic()
         args = build_vllm_args(self.config, pool, self.role)
         from vllm.engine.arg_utils import AsyncEngineArgs

@@ -94,22 +94,21 @@ def _parent(pid: int) -> int | None:
         return None
 
 
-def check_usable(cpus: set[int], setting: str) -> None:
-    """A clear error for CPUs this process may not run on (absent, or outside its
-    container's cpuset), before anything is moved."""
+def usable(cpus: str, setting: str) -> set[int]:
+    """`cpus` parsed; a clear error for CPUs no process here may run on (absent, or
+    outside the container's cpuset), before anything is moved or started."""
+    wanted = parse_cpu_list(cpus)
     allowed = _allowed_cpus()
-    if not cpus & allowed:
-        raise ValueError(f"{setting}: CPUs {format_cpu_list(cpus)} are not available "
+    if not wanted & allowed:
+        raise ValueError(f"{setting}: CPUs {format_cpu_list(wanted)} are not available "
                          f"here (allowed: {format_cpu_list(allowed)})")
+    return wanted
 
 
 def place_serving(cpus: str | None) -> None:
-    """This process (the ingress, the router actor) on the app's `serving_cpus`."""
-    if cpus is None:
-        return
-    wanted = parse_cpu_list(cpus)
-    check_usable(wanted, "serving_cpus")
-    pin_process(os.getpid(), wanted)
+    """This process (the ingress, `pdserve serve`) on the app's `serving_cpus`."""
+    if cpus is not None:
+        pin_process(os.getpid(), usable(cpus, "serving_cpus"))
 
 
 def widen_for_engine() -> None:
@@ -126,8 +125,7 @@ def place_engine(cpus: str | None) -> None:
     processes, whose own children, the workers, keep vLLM's binding) on `cpus`."""
     if cpus is None:
         return
-    wanted = parse_cpu_list(cpus)
-    check_usable(wanted, "cpus")
+    wanted = usable(cpus, "cpus")
     pid = os.getpid()
     moved = pin_process(pid, wanted)
     for child in child_pids(pid):
