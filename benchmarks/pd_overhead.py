@@ -73,6 +73,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.servers import (ManagedServer, pdserve_auth_headers, start_pdserve,
                                 start_timed)
 from serving.config import Role, app_config_from_file
+from serving.placement import all_pids, parent_pid
 from serving.vllm_plugin import SPIN_ENV
 
 METRICS_WAIT_S = 5.0
@@ -247,15 +248,10 @@ class ProcessMemory:
 def tree_memory(root_pid: int) -> list[ProcessMemory]:
     """RSS and PSS of `root_pid` and each of its descendants."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as f:
-                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-        except (OSError, IndexError, ValueError):
-            continue
-        children.setdefault(ppid, []).append(int(entry))
+    for pid in all_pids():
+        ppid = parent_pid(pid)
+        if ppid is not None:
+            children.setdefault(ppid, []).append(pid)
     pids, todo = [], [root_pid]
     while todo:
         pid = todo.pop()

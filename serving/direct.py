@@ -97,9 +97,6 @@ class _Frames(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.transport is None:  # not admitted
             return
-        self._receive(data)
-
-    def _receive(self, data: bytes) -> None:
         buffer = self._buffer
         buffer += data
         at = 0

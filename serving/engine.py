@@ -138,8 +138,8 @@ class EngineServer:
         self.role = Role(role)
         self.replica_id = _replica_id()
         pool = self.config.pools()[self.role]
-        if pool.cpus is not None:
-            usable(pool.cpus, "cpus")  # refused before the engine starts, not after
+        # Refused before the engine starts, not after.
+        cpus = usable(pool.cpus, "cpus") if pool.cpus is not None else None
         started = time.monotonic()
         args = build_vllm_args(self.config, pool, self.role)
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -150,7 +150,7 @@ class EngineServer:
         StatLoggerBase.register(LoadStatLogger)  # vLLM checks the ABC, not duck typing
         self.engine = AsyncLLM.from_engine_args(
             engine_args, stat_loggers=[lambda *a, **k: self.load])
-        place_engine(pool.cpus)  # its EngineCore is up: workers are bound by now
+        place_engine(cpus)  # its EngineCore is up: workers are bound by now
         self.state = State()
         tasks = await self.engine.get_supported_tasks()
         await init_app_state(self.engine, self.state, args, supported_tasks=tasks)

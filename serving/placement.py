@@ -71,7 +71,7 @@ def pin_process(pid: int, cpus: set[int]) -> int:
 def child_pids(pid: int) -> list[int]:
     """The processes whose parent is `pid`."""
     if not os.path.exists(f"/proc/{pid}/task/{pid}/children"):  # CONFIG_PROC_CHILDREN
-        return [other for other in _all_pids() if _parent(other) == pid]
+        return [other for other in all_pids() if parent_pid(other) == pid]
     children = []
     for tid in os.listdir(f"/proc/{pid}/task"):
         try:
@@ -82,11 +82,12 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
-def _all_pids() -> list[int]:
+def all_pids() -> list[int]:
     return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 
 
-def _parent(pid: int) -> int | None:
+def parent_pid(pid: int) -> int | None:
+    """`pid`'s parent, or None if it has ended."""
     try:
         with open(f"/proc/{pid}/stat") as f:
             return int(f.read().rsplit(")", 1)[1].split()[1])
@@ -120,18 +121,18 @@ def widen_for_engine() -> None:
         pin_process(os.getpid(), parse_cpu_list(launch))
 
 
-def place_engine(cpus: str | None) -> None:
+def place_engine(cpus: set[int] | None) -> None:
     """Once the engine is up: this replica process and its EngineCore (its child
-    processes, whose own children, the workers, keep vLLM's binding) on `cpus`."""
+    processes, whose own children, the workers, keep vLLM's binding) on `cpus`, a
+    pool's `cpus` as `usable` returned them."""
     if cpus is None:
         return
-    wanted = usable(cpus, "cpus")
     pid = os.getpid()
-    moved = pin_process(pid, wanted)
+    moved = pin_process(pid, cpus)
     for child in child_pids(pid):
-        moved += pin_process(child, wanted)
+        moved += pin_process(child, cpus)
     logger.info("replica %d and its engine scheduler on CPUs %s (%d threads)", pid,
-                format_cpu_list(wanted), moved)
+                format_cpu_list(cpus), moved)
 
 
 def _allowed_cpus() -> set[int]:

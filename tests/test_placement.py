@@ -69,7 +69,7 @@ def test_an_engine_replica_and_its_children_move_but_grandchildren_keep_theirs()
     time.sleep(30)
     '''], stdout=subprocess.PIPE, text=True)
     worker = int(child.stdout.readline())
-    place_engine("{first}")
+    place_engine({{{first}}})
     later = []
     t = threading.Thread(target=lambda: later.append(sorted(os.sched_getaffinity(0))))
     t.start(); t.join()
@@ -101,19 +101,19 @@ def test_serving_cpus_then_an_engine_widens_back_to_the_launch_cpus():
 def test_cpus_this_box_lacks_are_a_clear_error():
     missing = max(CPUS) + 64
     done = subprocess.run(
-        [sys.executable, "-c", f"from serving.placement import place_engine; "
-                               f"place_engine('{missing}')"],
+        [sys.executable, "-c", f"from serving.placement import usable; "
+                               f"usable('{missing}', 'cpus')"],
         cwd=REPO, capture_output=True, text=True, timeout=60)
     assert done.returncode != 0
     assert f"cpus: CPUs {missing} are not available here" in done.stderr
 
 
 def test_children_are_found_with_or_without_the_proc_children_file():
-    from serving.placement import _all_pids, _parent, child_pids
+    from serving.placement import all_pids, child_pids, parent_pid
 
     child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
     try:
-        scanned = [pid for pid in _all_pids() if _parent(pid) == os.getpid()]
+        scanned = [pid for pid in all_pids() if parent_pid(pid) == os.getpid()]
         assert child.pid in child_pids(os.getpid())
         assert child.pid in scanned
     finally:
