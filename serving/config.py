@@ -64,6 +64,17 @@ class PoolConfig(StrictModel):
                           "on the worker through each step; the worker's compute threads "
                           "go where VLLM_CPU_OMP_THREADS_BIND puts them. Unset: they float "
                           "(serving/placement.py).")
+    engine_nice: int | None = Field(
+        None, ge=-20, le=19,
+        description="CPU engines: the nice value of vLLM's EngineCore (every thread), "
+                    "which schedules each step and answers the worker twice per step. "
+                    "Below the serving processes' 0, it goes first when they share its "
+                    "CPUs: one stream's tokens come faster, but its busy-wait on the "
+                    "worker is taken from whatever else shares them (a trade-off under "
+                    "load, measured in serving/placement.py). Negative values need "
+                    "CAP_SYS_NICE (root, or the capability granted to the container); "
+                    "without it the replica warns and the EngineCore keeps its nice "
+                    "value. Unset: unchanged.")
 
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "PoolConfig":

@@ -22,7 +22,7 @@ from serving.config import AppConfig, PoolConfig, Role
 from serving.direct import DirectServer
 from serving.metrics import KVTransferTotals
 from serving.model import resolve_model
-from serving.placement import place_engine, usable, widen_for_engine
+from serving.placement import place_engine, prioritize_engine, usable, widen_for_engine
 from serving.prefix import RESYNC, TIER_KEYS, HashSpec, HeldBlocks
 from serving.protocol import validate_request
 from serving.router import RouterClient
@@ -151,6 +151,7 @@ class EngineServer:
         self.engine = AsyncLLM.from_engine_args(
             engine_args, stat_loggers=[lambda *a, **k: self.load])
         place_engine(cpus)  # its EngineCore is up: workers are bound by now
+        prioritize_engine(pool.engine_nice)
         self.state = State()
         tasks = await self.engine.get_supported_tasks()
         await init_app_state(self.engine, self.state, args, supported_tasks=tasks)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import subprocess
 import sys
 import textwrap
@@ -119,3 +120,61 @@ def test_children_are_found_with_or_without_the_proc_children_file():
     finally:
         child.kill()
         child.wait()
+
+
+NICE_TREE = """
+    import json, logging, os, sys, threading, time
+    from serving.placement import prioritize_engine
+    logging.basicConfig(level=logging.INFO)
+    def nice_of(pid):
+        return sorted({os.getpriority(os.PRIO_PROCESS, int(t))
+                       for t in os.listdir(f"/proc/{pid}/task")})
+    def spawn(body):
+        pid = os.fork()
+        if pid == 0:
+            body()
+            os._exit(0)
+        return pid
+    def engine_core():  # a thread of its own, and a child (the worker)
+        threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
+        worker = spawn(lambda: time.sleep(30))
+        os.write(w, f"{worker}\\n".encode())
+        time.sleep(30)
+"""
+
+
+def test_an_engine_scheduler_gets_its_nice_value_and_the_workers_keep_theirs():
+    result = _run(NICE_TREE + """
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    r, w = os.pipe()
+    core = spawn(engine_core)
+    worker = int(os.read(r, 100))
+    time.sleep(0.2)  # the EngineCore's thread is up
+    prioritize_engine(base + 7)  # raising needs no privilege
+    print(json.dumps({"base": base, "own": nice_of(os.getpid()), "core": nice_of(core),
+                      "core_threads": len(os.listdir(f"/proc/{core}/task")),
+                      "worker": nice_of(worker)}))
+    os.kill(core, 9); os.kill(worker, 9)
+    """)
+    base = result["base"]
+    assert result["core"] == [base + 7] and result["core_threads"] == 2  # every thread
+    assert result["own"] == [base]  # the replica's own: it serves the tokens
+    assert result["worker"] == [base]  # the worker keeps what vLLM gave it
+
+
+@pytest.mark.skipif(os.geteuid() != 0 and resource.getrlimit(resource.RLIMIT_NICE)[0] > 20,
+                    reason="this process may lower its nice value")
+def test_an_engine_nice_that_needs_a_privilege_this_process_lacks_warns():
+    drop = "os.setuid(65534)  # nobody: no CAP_SYS_NICE" if os.geteuid() == 0 else ""
+    done = subprocess.run([sys.executable, "-c", textwrap.dedent(NICE_TREE + f"""
+    {drop}
+    r, w = os.pipe()
+    core = spawn(engine_core)
+    worker = int(os.read(r, 100))
+    prioritize_engine(-5)
+    print(json.dumps({{"core": nice_of(core)}}))
+    os.kill(core, 9); os.kill(worker, 9)
+    """)], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"core": [0]}
+    assert "engine_nice -5: not permitted here" in done.stderr
