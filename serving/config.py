@@ -68,9 +68,10 @@ class PoolConfig(StrictModel):
         None, ge=-20, le=19,
         description="CPU engines: the nice value of vLLM's EngineCore (every thread), "
                     "which schedules each step and answers the worker twice per step. "
-                    "Below the serving processes' 0, it goes first when they share its "
-                    "CPUs: one stream's tokens come faster, but its busy-wait on the "
-                    "worker is taken from whatever else shares them (a trade-off under "
+                    "Below the serving processes' (Ray starts engines at 15, its "
+                    "daemons at 0), it goes first on CPUs they share: one stream's "
+                    "tokens come faster, but its busy-wait on the worker is taken from "
+                    "whatever else shares them (a trade-off under "
                     "load, measured in serving/placement.py). Negative values need "
                     "CAP_SYS_NICE (root, or the capability granted to the container); "
                     "without it the replica warns and the EngineCore keeps its nice "

@@ -26,8 +26,11 @@ Sharing a CPU, the EngineCore also takes turns with the serving processes: every
 wakes the replica's OpenAI layer, the ingress and the client's socket just as the
 EngineCore has to schedule the next step and answer the worker (twice a step: the
 forward, then the sampling). A pool's `engine_nice` puts every EngineCore thread ahead
-of them. A trade-off, measured on the 2-core box with configs/cpu-pd.yaml (decode
-EngineCore on core 0 with the prefill worker and the serving processes):
+of them. (Under Ray an engine starts at nice 15: Ray starts its worker processes there,
+`RAY_worker_niceness`, and the EngineCore and workers inherit it from the replica;
+Ray's daemons, some of the replicas' threads and everything outside Ray run at 0.)
+A trade-off, measured on the 2-core box with configs/cpu-pd.yaml (decode EngineCore on
+core 0 with the prefill worker and the serving processes):
   - one stream at a time (1,000-token prompts, 64 out; step traces beside vLLM's own
     server): at -10 the gap between steps fell from 0.56 to 0.16-0.21 ms and tokens
     came 10-13% faster, level with vLLM's; at -3, 9% faster.
@@ -35,8 +38,9 @@ EngineCore on core 0 with the prefill worker and the serving processes):
     29% longer and 8% fewer tokens/s; at -10, 64% and 14%. The EngineCore busy-waits
     on its worker through every step, and ahead of the prefill worker on its core,
     that wait is taken from prefills.
-So it is unset in the shipped configs. Raising the serving processes' nice instead did
-not help. Lowering a nice value needs CAP_SYS_NICE; without it the replica warns and
+So it is unset in the shipped configs. Raising the replicas' nice instead did not help,
+nor did Ray's workers at 0 (`RAY_worker_niceness=0`; not clearly better, and slower
+outliers). Lowering a nice value needs CAP_SYS_NICE; without it the replica warns and
 leaves it.
 """
 
