@@ -73,7 +73,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.servers import (ManagedServer, pdserve_auth_headers, start_pdserve,
                                 start_timed)
 from serving.config import Role, app_config_from_file
-from serving.placement import all_pids, parent_pid
+from serving.placement import process_tree
 from serving.vllm_plugin import SPIN_ENV
 
 METRICS_WAIT_S = 5.0
@@ -247,18 +247,8 @@ class ProcessMemory:
 
 def tree_memory(root_pid: int) -> list[ProcessMemory]:
     """RSS and PSS of `root_pid` and each of its descendants."""
-    children: dict[int, list[int]] = {}
-    for pid in all_pids():
-        ppid = parent_pid(pid)
-        if ppid is not None:
-            children.setdefault(ppid, []).append(pid)
-    pids, todo = [], [root_pid]
-    while todo:
-        pid = todo.pop()
-        pids.append(pid)
-        todo.extend(children.get(pid, []))
     out = []
-    for pid in pids:
+    for pid in process_tree(root_pid):
         try:
             with open(f"/proc/{pid}/cmdline", "rb") as f:
                 name = f.read().split(b"\0")[0].decode(errors="replace")

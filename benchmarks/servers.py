@@ -21,6 +21,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.errors import ServerError
+from serving.placement import process_tree
 
 POLL_S = 0.5
 LOG_TAIL_CHARS = 3000
@@ -41,6 +42,16 @@ def is_ready(base_url: str) -> bool:
         return models.status_code == 200 and bool(models.json().get("data"))
     except (httpx.HTTPError, ValueError):
         return False
+
+
+def _started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot), or None if it has ended: a
+    pid is the same process only while this is unchanged."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 class ManagedServer:
@@ -88,24 +99,38 @@ class ManagedServer:
                           f"{shlex.join(self.argv)}\n{self.log_tail()}")
 
     def pause(self) -> None:
-        """Suspend the whole process group (SIGSTOP): it takes no CPU until `resume`."""
-        self._signal_group(signal.SIGSTOP)
+        """Suspend the whole process tree (SIGSTOP): it takes no CPU until `resume`."""
+        self._signal_tree(signal.SIGSTOP)
 
     def resume(self) -> None:
-        self._signal_group(signal.SIGCONT)
+        self._signal_tree(signal.SIGCONT)
 
-    def _signal_group(self, sig: signal.Signals) -> None:
+    def _signal_tree(self, sig: signal.Signals) -> None:
+        """The server's process group and every process below it: Ray starts each of
+        its workers (an engine replica with its EngineCore and worker, Serve's
+        controller, ...) in a process group of its own."""
         if self.proc is not None and self.proc.poll() is None:
+            self._signal(sig, [self.proc.pid, *process_tree(self.proc.pid)])
+
+    def _signal(self, sig: signal.Signals, pids: list[int]) -> None:
+        """`sig` to the server's process group and to `pids`, those still there."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except (ProcessLookupError, PermissionError):
+            pass
+        for pid in pids:
             try:
-                os.killpg(self.proc.pid, sig)
+                os.kill(pid, sig)
             except ProcessLookupError:
                 pass
 
     def stop(self, grace_s: float = 30.0) -> int | None:
-        """Stop the whole process group; returns the exit code (None if never started)."""
+        """Stop the whole process tree; returns the exit code (None if never started)."""
         if self.proc is None:
             return None
-        self.resume()  # a suspended group would hold the signals below
+        self.resume()  # a suspended tree would hold the signals below
+        tree = ({pid: _started(pid) for pid in process_tree(self.proc.pid)}
+                if self.proc.poll() is None else {})
         for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0),
                             (signal.SIGKILL, 10.0)):
             if self.proc.poll() is not None:
@@ -118,15 +143,11 @@ class ManagedServer:
                 self.proc.wait(timeout=wait_s)
             except subprocess.TimeoutExpired:
                 continue
-        self._reap_group()
+        # What is left of the tree (the group, and processes in groups of their own
+        # that the shutdown orphaned, such as an engine replica's EngineCore) is killed.
+        self._signal(signal.SIGKILL, [pid for pid, started in tree.items()
+                                      if pid != self.proc.pid and _started(pid) == started])
         return self.proc.returncode
-
-    def _reap_group(self) -> None:
-        """Workers left in the group after the leader exited get SIGKILL."""
-        try:
-            os.killpg(self.proc.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
 
     def log_tail(self) -> str:
         if not self.log_path or not self.log_path.exists():

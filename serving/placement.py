@@ -116,6 +116,21 @@ def child_pids(pid: int) -> list[int]:
     return children
 
 
+def process_tree(root: int) -> list[int]:
+    """`root` and every process below it, parents first."""
+    children: dict[int, list[int]] = {}
+    for pid in all_pids():
+        ppid = parent_pid(pid)
+        if ppid is not None:
+            children.setdefault(ppid, []).append(pid)
+    pids, todo = [], [root]
+    while todo:
+        pid = todo.pop(0)
+        pids.append(pid)
+        todo.extend(children.get(pid, []))
+    return pids
+
+
 def all_pids() -> list[int]:
     return [int(entry) for entry in os.listdir("/proc") if entry.isdigit()]
 

@@ -161,7 +161,9 @@ def test_ab_with_a_dead_side_exits_1_and_says_why(tmp_path: Path, capsys) -> Non
 FAKE_SERVER = """
 import json, sys, subprocess
 from http.server import BaseHTTPRequestHandler, HTTPServer
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+# in a process group of its own, as Ray starts its workers
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                         start_new_session=True)
 class H(BaseHTTPRequestHandler):
     def log_message(self, *a): pass
     def do_GET(self):
@@ -190,14 +192,14 @@ def test_a_paused_server_tree_is_stopped_until_resumed_and_still_stops(tmp_path:
     with server as url:
         child = httpx.get(url + "/v1/models").json()["child"]
         server.pause()
-        _wait_for_states(server.proc.pid, child, lambda states: states == {"T"})  # the group
+        _wait_for_states(server.proc.pid, child, lambda states: states == {"T"})  # the tree
         server.resume()
         _wait_for_states(server.proc.pid, child, lambda states: "T" not in states)
         assert httpx.get(url + "/v1/models").status_code == 200
         server.pause()  # stop() resumes it first, or SIGINT would wait for a SIGCONT
     assert server.proc.returncode is not None
     deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:  # killed with the group, then reaped by init
+    while time.monotonic() < deadline:  # killed with the tree, then reaped by init
         try:
             if _state(child) == "Z":
                 break
