@@ -33,7 +33,7 @@ A trade-off, measured on the 2-core box with configs/cpu-pd.yaml (decode EngineC
 core 0 with the prefill worker and the serving processes):
   - one stream at a time (1,000-token prompts, 64 out; step traces beside vLLM's own
     server): at -10 the gap between steps fell from 0.56 to 0.16-0.21 ms and tokens
-    came 10-13% faster, level with vLLM's; at -3, 9% faster.
+    came 10-13% faster; at -3, 9% faster.
   - 8 streams at a time (`pdserve bench ab`, 48 requests, two rounds): at -3, TTFT
     29% longer and 8% fewer tokens/s; at -10, 64% and 14%. The EngineCore busy-waits
     on its worker through every step, and ahead of the prefill worker on its core,
