@@ -110,7 +110,7 @@ class ManagedServer:
         its workers (an engine replica with its EngineCore and worker, Serve's
         controller, ...) in a process group of its own."""
         if self.proc is not None and self.proc.poll() is None:
-            self._signal(sig, [self.proc.pid, *process_tree(self.proc.pid)])
+            self._signal(sig, process_tree(self.proc.pid))
 
     def _signal(self, sig: signal.Signals, pids: list[int]) -> None:
         """`sig` to the server's process group and to `pids`, those still there."""
