@@ -21,7 +21,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks.errors import ServerError
-from serving.placement import process_tree
+from serving.placement import process_tree, start_time
 
 POLL_S = 0.5
 LOG_TAIL_CHARS = 3000
@@ -42,16 +42,6 @@ def is_ready(base_url: str) -> bool:
         return models.status_code == 200 and bool(models.json().get("data"))
     except (httpx.HTTPError, ValueError):
         return False
-
-
-def _started(pid: int) -> int | None:
-    """When process `pid` started (clock ticks after boot), or None if it has ended: a
-    pid is the same process only while this is unchanged."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
 
 
 class ManagedServer:
@@ -129,7 +119,7 @@ class ManagedServer:
         if self.proc is None:
             return None
         self.resume()  # a suspended tree would hold the signals below
-        tree = ({pid: _started(pid) for pid in process_tree(self.proc.pid)}
+        tree = ({pid: start_time(pid) for pid in process_tree(self.proc.pid)}
                 if self.proc.poll() is None else {})
         for sig, wait_s in ((signal.SIGINT, grace_s), (signal.SIGTERM, 10.0),
                             (signal.SIGKILL, 10.0)):
@@ -146,7 +136,7 @@ class ManagedServer:
         # What is left of the tree (the group, and processes in groups of their own
         # that the shutdown orphaned, such as an engine replica's EngineCore) is killed.
         self._signal(signal.SIGKILL, [pid for pid, started in tree.items()
-                                      if pid != self.proc.pid and _started(pid) == started])
+                                      if pid != self.proc.pid and start_time(pid) == started])
         return self.proc.returncode
 
     def log_tail(self) -> str:

@@ -137,9 +137,21 @@ def all_pids() -> list[int]:
 
 def parent_pid(pid: int) -> int | None:
     """`pid`'s parent, or None if it has ended."""
+    return _stat_field(pid, 4)
+
+
+def start_time(pid: int) -> int | None:
+    """When process `pid` started (clock ticks after boot), or None if it has ended: a
+    pid names the same process only while this is unchanged."""
+    return _stat_field(pid, 22)
+
+
+def _stat_field(pid: int, number: int) -> int | None:
+    """Field `number` (1-based, as proc(5) numbers them) of /proc/<pid>/stat, an integer
+    after the command name; None if the process has ended."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return int(f.read().rsplit(")", 1)[1].split()[1])
+            return int(f.read().rsplit(")", 1)[1].split()[number - 3])
     except (OSError, IndexError, ValueError):
         return None
 

@@ -40,11 +40,16 @@ def test_bad_cpu_lists_are_refused_with_the_field_named(text):
 
 def _run(code: str, env: dict[str, str] | None = None) -> dict:
     """Run `code` in a fresh interpreter; it prints one JSON line, returned here."""
+    return _run_logged(code, env)[0]
+
+
+def _run_logged(code: str, env: dict[str, str] | None = None) -> tuple[dict, str]:
+    """`_run`, and what the code wrote to stderr (its log)."""
     done = subprocess.run([sys.executable, "-c", textwrap.dedent(code)], cwd=REPO,
                           capture_output=True, text=True, timeout=60,
                           env={**os.environ, **(env or {})})
     assert done.returncode == 0, done.stderr
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    return json.loads(done.stdout.strip().splitlines()[-1]), done.stderr
 
 
 AFFINITIES = """
@@ -166,7 +171,7 @@ def test_an_engine_scheduler_gets_its_nice_value_and_the_workers_keep_theirs():
                     reason="this process may lower its nice value")
 def test_an_engine_nice_that_needs_a_privilege_this_process_lacks_warns():
     drop = "os.setuid(65534)  # nobody: no CAP_SYS_NICE" if os.geteuid() == 0 else ""
-    done = subprocess.run([sys.executable, "-c", textwrap.dedent(NICE_TREE + f"""
+    result, log = _run_logged(NICE_TREE + f"""
     {drop}
     r, w = os.pipe()
     core = spawn(engine_core)
@@ -174,7 +179,6 @@ def test_an_engine_nice_that_needs_a_privilege_this_process_lacks_warns():
     prioritize_engine(-5)
     print(json.dumps({{"core": nice_of(core)}}))
     os.kill(core, 9); os.kill(worker, 9)
-    """)], cwd=REPO, capture_output=True, text=True, timeout=60)
-    assert done.returncode == 0, done.stderr
-    assert json.loads(done.stdout.strip().splitlines()[-1]) == {"core": [0]}
-    assert "engine_nice -5: not permitted here" in done.stderr
+    """)
+    assert result == {"core": [0]}
+    assert "engine_nice -5: not permitted here" in log
