@@ -64,6 +64,12 @@ class PoolConfig(StrictModel):
                           "on the worker through each step; the worker's compute threads "
                           "go where VLLM_CPU_OMP_THREADS_BIND puts them. Unset: they float "
                           "(serving/placement.py).")
+    engine_cpus: CpuList | None = Field(
+        None, description="CPU engines: the CPUs of vLLM's EngineCore alone, when it "
+                          "should not share the replica's (`cpus`), e.g. its own worker's "
+                          "core: the two hand the CPU to each other as each waits for the "
+                          "other (their busy-waits yield), and the replica's per-token "
+                          "work stays off both. Unset: `cpus` (serving/placement.py).")
     engine_nice: int | None = Field(
         None, ge=-20, le=19,
         description="CPU engines: the nice value of vLLM's EngineCore (every thread), "

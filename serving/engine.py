@@ -140,6 +140,8 @@ class EngineServer:
         pool = self.config.pools()[self.role]
         # Refused before the engine starts, not after.
         cpus = usable(pool.cpus, "cpus") if pool.cpus is not None else None
+        engine_cpus = (usable(pool.engine_cpus, "engine_cpus")
+                       if pool.engine_cpus is not None else cpus)
         started = time.monotonic()
         args = build_vllm_args(self.config, pool, self.role)
         from vllm.engine.arg_utils import AsyncEngineArgs
@@ -150,7 +152,7 @@ class EngineServer:
         StatLoggerBase.register(LoadStatLogger)  # vLLM checks the ABC, not duck typing
         self.engine = AsyncLLM.from_engine_args(
             engine_args, stat_loggers=[lambda *a, **k: self.load])
-        place_engine(cpus)  # its EngineCore is up: workers are bound by now
+        place_engine(cpus, engine_cpus)  # its EngineCore is up: workers are bound by now
         prioritize_engine(pool.engine_nice)
         self.state = State()
         tasks = await self.engine.get_supported_tasks()

@@ -34,6 +34,8 @@ def test_bad_cpu_lists_are_refused_with_the_field_named(text):
         parse_cpu_list(text)
     with pytest.raises(ValidationError, match="decode.cpus"):
         AppConfig.model_validate({"prefill": {}, "decode": {"cpus": text}})
+    with pytest.raises(ValidationError, match="prefill.engine_cpus"):
+        AppConfig.model_validate({"prefill": {"engine_cpus": text}, "decode": {}})
     with pytest.raises(ValidationError, match="serving_cpus"):
         AppConfig.model_validate({"aggregated": {}, "serving_cpus": text})
 
@@ -61,8 +63,10 @@ AFFINITIES = """
 
 
 @needs_two
-def test_an_engine_replica_and_its_children_move_but_grandchildren_keep_theirs():
+@pytest.mark.parametrize("engine_cpus", [False, True])
+def test_an_engine_replica_and_its_children_move_but_grandchildren_keep_theirs(engine_cpus):
     first, second = CPUS[0], CPUS[1]
+    engine = second if engine_cpus else first
     result = _run(AFFINITIES + f"""
     from serving.placement import place_engine
     threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
@@ -70,12 +74,12 @@ def test_an_engine_replica_and_its_children_move_but_grandchildren_keep_theirs()
     child = subprocess.Popen([sys.executable, "-c", '''
     import os, subprocess, sys, threading, time
     threading.Thread(target=time.sleep, args=(30,), daemon=True).start()
-    worker = subprocess.Popen([sys.executable, "-c", "import os, time; os.sched_setaffinity(0, {{{second}}}); print(os.getpid(), flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
+    worker = subprocess.Popen([sys.executable, "-c", "import os, time; os.sched_setaffinity(0, {{{first}, {second}}}); print(os.getpid(), flush=True); time.sleep(30)"], stdout=subprocess.PIPE, text=True)
     print(worker.stdout.readline().strip(), flush=True)
     time.sleep(30)
     '''], stdout=subprocess.PIPE, text=True)
     worker = int(child.stdout.readline())
-    place_engine({{{first}}})
+    place_engine({{{first}}}, {{{second}}} if {engine_cpus} else None)
     later = []
     t = threading.Thread(target=lambda: later.append(sorted(os.sched_getaffinity(0))))
     t.start(); t.join()
@@ -84,8 +88,8 @@ def test_an_engine_replica_and_its_children_move_but_grandchildren_keep_theirs()
     child.kill(); os.kill(worker, 9)
     """)
     assert result["own"] == [[first]]  # every thread of the replica
-    assert result["child"] == [[first]]  # every thread of its EngineCore
-    assert result["worker"] == [[second]]  # vLLM's binding
+    assert result["child"] == [[engine]]  # every thread of its EngineCore
+    assert result["worker"] == [sorted({first, second})]  # vLLM's binding
     assert result["later"] == [first]  # a thread started afterwards inherits it
 
 
