@@ -141,7 +141,7 @@ class EngineServer:
         # Refused before the engine starts, not after.
         cpus = usable(pool.cpus, "cpus") if pool.cpus is not None else None
         engine_cpus = (usable(pool.engine_cpus, "engine_cpus")
-                       if pool.engine_cpus is not None else cpus)
+                       if pool.engine_cpus is not None else None)
         started = time.monotonic()
         args = build_vllm_args(self.config, pool, self.role)
         from vllm.engine.arg_utils import AsyncEngineArgs
