@@ -27,15 +27,21 @@ An EngineCore on its own worker's core (`engine_cpus`) takes turns with nothing 
 its worker: each busy-waits on the other with sched_yield, so whichever has work runs,
 and the replica's per-token work (vLLM's OpenAI layer, the ingress, the client's
 socket) stays on the other cores. On the 2-core box with configs/cpu-pd.yaml, the
-decode EngineCore moved from core 0 to core 1 (its worker's), one stream at a time:
+decode EngineCore moved from core 0 to core 1 (its worker's, `engine_cpus: "1"`), one
+stream at a time:
 tokens from the 2nd on 11.5% faster (5.22 -> 4.62 ms, servers taking turns per
 request; the gap between its steps fell from 0.51 to 0.02 ms), TTFT unchanged; 8
 streams at a time (`pdserve bench ab`, 48 requests, two rounds): TTFT and ITL medians
 unchanged, throughput 3% higher. Then the prefill EngineCore moved from core 1 to core
 0 (its worker's): one stream, TTFT 4.5% shorter, ITL unchanged; 8 streams, TTFT 4%
-shorter, throughput 2% higher. Not kept: the EngineCore's other threads (input,
-output, ZeroMQ) off its worker's core (no change), and the prefill replica on core 0
-as well (one stream, tokens 3% faster; 8 streams, 3% fewer tokens/s).
+shorter, throughput 2% higher. Worse: the EngineCore's other threads (input, output,
+ZeroMQ) off its worker's core (no change), and the prefill replica on core 0 as well
+(one stream, tokens 3% faster; 8 streams, 3% fewer tokens/s). The shipped config does
+not set `engine_cpus` yet: with both EngineCores on their workers' cores, in 2 of 7
+runs of tests/test_pd_e2e.py a client that left mid-stream, while the killed prefill
+replica's successor was starting, did not stop its decode request (the replica's
+stream had ended, the engine ran the request to its end); with the shipped layout
+that test passed in 2 of 2 runs, as in every CI run before.
 
 Sharing a CPU with them, the EngineCore takes turns with the serving processes: every token
 wakes the replica's OpenAI layer, the ingress and the client's socket just as the
@@ -44,9 +50,8 @@ forward, then the sampling). A pool's `engine_nice` puts every EngineCore thread
 of them. (Under Ray an engine starts at nice 15: Ray starts its worker processes there,
 `RAY_worker_niceness`, and the EngineCore and workers inherit it from the replica;
 Ray's daemons, some of the replicas' threads and everything outside Ray run at 0.)
-A trade-off, measured on the 2-core box with configs/cpu-pd.yaml as it was before
-`engine_cpus` (decode EngineCore on core 0 with the prefill worker and the serving
-processes):
+A trade-off, measured on the 2-core box with configs/cpu-pd.yaml (decode EngineCore on
+core 0 with the prefill worker and the serving processes):
   - one stream at a time (1,000-token prompts, 64 out; step traces beside vLLM's own
     server): at -10 the gap between steps fell from 0.56 to 0.16-0.21 ms and tokens
     came 10-13% faster; at -3, 9% faster.
