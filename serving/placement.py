@@ -34,10 +34,10 @@ request; the gap between its steps fell from 0.51 to 0.02 ms), TTFT unchanged; 8
 streams at a time (`pdserve bench ab`, 48 requests, two rounds): TTFT and ITL medians
 unchanged, throughput 3% higher. Then the prefill EngineCore moved from core 1 to core
 0 (its worker's): one stream, TTFT 4.5% shorter, ITL unchanged; 8 streams, TTFT 4%
-shorter, throughput 2% higher. Worse: the EngineCore's other threads (input, output,
+shorter, throughput 2% higher. Not kept: the EngineCore's other threads (input, output,
 ZeroMQ) off its worker's core (no change), and the prefill replica on core 0 as well
 (one stream, tokens 3% faster; 8 streams, 3% fewer tokens/s). The shipped config does
-not set `engine_cpus` yet: with both EngineCores on their workers' cores, in 2 of 7
+not set `engine_cpus` yet: with both EngineCores on their workers' cores, in 3 of 7
 runs of tests/test_pd_e2e.py a client that left mid-stream, while the killed prefill
 replica's successor was starting, did not stop its decode request (the replica's
 stream had ended, the engine ran the request to its end); with the shipped layout
