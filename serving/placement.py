@@ -28,11 +28,10 @@ its worker: each busy-waits on the other with sched_yield, so whichever has work
 and the replica's per-token work (vLLM's OpenAI layer, the ingress, the client's
 socket) stays on the other cores. On the 2-core box with configs/cpu-pd.yaml, the
 decode EngineCore moved from core 0 to core 1 (its worker's, `engine_cpus: "1"`), one
-stream at a time:
-tokens from the 2nd on 11.5% faster (5.22 -> 4.62 ms, servers taking turns per
-request; the gap between its steps fell from 0.51 to 0.02 ms), TTFT unchanged; 8
-streams at a time (`pdserve bench ab`, 48 requests, two rounds): TTFT and ITL medians
-unchanged, throughput 3% higher. Then the prefill EngineCore moved from core 1 to core
+stream at a time: tokens from the 2nd on 11.5% faster (5.22 -> 4.62 ms, servers taking
+turns per request; the gap between its steps fell from 0.51 to 0.02 ms), TTFT
+unchanged; 8 streams at a time (`pdserve bench ab`, 48 requests, two rounds): TTFT and
+ITL medians unchanged, throughput 3% higher. Then the prefill EngineCore moved from core 1 to core
 0 (its worker's): one stream, TTFT 4.5% shorter, ITL unchanged; 8 streams, TTFT 4%
 shorter, throughput 2% higher. Not kept: the EngineCore's other threads (input, output,
 ZeroMQ) off its worker's core (no change), and the prefill replica on core 0 as well
