@@ -35,6 +35,7 @@ from serving.protocol import validate_request
 logger = logging.getLogger("pdserve.ingress")
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
 SSE_DONE = "data: [DONE]\n\n"
+CLIENT_CLOSED = 499  # a stream the client left before its end (nginx's, and Serve's, code)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -182,6 +183,9 @@ class OpenAIIngress:
             status, err = error_for(_unwrap(exc), request_id)
             yield f"data: {json.dumps(err)}\n\n"
             yield SSE_DONE
+        except (asyncio.CancelledError, GeneratorExit):
+            status = CLIENT_CLOSED  # Serve cancelled the request: the client went away
+            raise
         finally:
             reply.cancel()
             timer.finish(self.metrics, status, usage)

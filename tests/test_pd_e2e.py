@@ -18,7 +18,7 @@ import pytest
 from serving.config import app_config_from_file
 from serving.model import resolve_model
 from tests.helpers.offline import reference_outputs
-from tests.helpers.servers import REPO, ServerProcess, running_server
+from tests.helpers.servers import REPO, ServerProcess, metric, running_server, wait_for
 from tests.test_serving_e2e import long_prompt
 
 pytestmark = pytest.mark.e2e
@@ -49,15 +49,6 @@ def complete(server, req, **extra):
     return response.json()
 
 
-def metric(server, name: str, **labels) -> float:
-    text = httpx.get(server.base_url + "/metrics").text
-    total = 0.0
-    for line in text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line for k, v in labels.items()):
-            total += float(line.rsplit(" ", 1)[1])
-    return total
-
-
 def test_pd_output_equals_aggregated_and_decode_loaded_the_prompt(pd_server, reference):
     direct_before = {pool: metric(pd_server, "pdserve_engine_calls_total", pool=pool,
                                   channel="direct") for pool in ("prefill", "decode")}
@@ -75,7 +66,7 @@ def test_pd_output_equals_aggregated_and_decode_loaded_the_prompt(pd_server, ref
         # from the prefill replica, or from its own prefix cache (these prompts share a
         # prefix with each other).
         num_prompt = len(expected["prompt_token_ids"])
-        _wait_for(lambda: _decode_prompt_hits(pd_server) - hits_before >= num_prompt - 1)
+        wait_for(lambda: _decode_prompt_hits(pd_server) - hits_before >= num_prompt - 1)
     # Both calls of each request took the same-node socket, not Serve handles.
     for pool, before in direct_before.items():
         assert metric(pd_server, "pdserve_engine_calls_total", pool=pool,
@@ -209,12 +200,17 @@ def test_killing_prefill_mid_run_loses_no_request(pd_server, reference):
 
 def test_client_leaving_mid_stream_stops_the_decode(pd_server):
     """A client that closes its connection mid-stream ends the request at the engine:
-    Serve cancels the ingress's request, which closes the decode replica's stream."""
+    Serve cancels the ingress's request (counted as status 499), which closes the decode
+    replica's stream."""
     body = {"model": "pdserve:tiny", "prompt": REQUESTS[0]["prompt"], "max_tokens": 3900,
             "ignore_eos": True, "temperature": 0.0, "stream": True}
     def decode_running() -> float:
         return metric(pd_server, "pdserve_replica_running_requests", pool="decode")
+    def left() -> float:
+        return metric(pd_server, "pdserve_requests_total", endpoint="completions",
+                      status="499")
 
+    left_before = left()
     with httpx.stream("POST", pd_server.base_url + "/v1/completions", json=body,
                       timeout=60) as reply:
         assert reply.status_code == 200
@@ -224,12 +220,13 @@ def test_client_leaving_mid_stream_stops_the_decode(pd_server):
             if tokens >= 5 and decode_running() > 0:
                 break  # leaving the block closes the connection
     assert tokens < 1000, "the decode replica never showed the request as running"
+    wait_for(lambda: left() == left_before + 1, 8, "the ingress counting the stream left")
     # Still running, the engine would report it with every step. Stopped, it reports
     # nothing (vLLM's counts come with a step's outputs): the replica drops its last
     # counts once none of its calls is in flight, so the router's view is fresh too.
     # Well short of the 17 s the request would run, with room for a box that is busy
     # restarting the prefill replica the test before killed (5 s was missed by 0.6 s).
-    _wait_for(lambda: decode_running() == 0, 8)
+    wait_for(lambda: decode_running() == 0, 8, "the decode replica reporting no request")
 
 
 def test_decode_death_mid_stream_ends_the_stream_with_an_error(pd_server, reference):
@@ -285,10 +282,3 @@ def _kill_replica(server: ServerProcess, deployment: str) -> None:
         except psutil.NoSuchProcess:
             continue
     raise AssertionError(f"no {deployment} replica process found under the server")
-
-
-def _wait_for(predicate, timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.25)

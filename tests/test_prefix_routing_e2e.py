@@ -8,8 +8,6 @@ the ones the engines computed, for a completion and a chat prompt."""
 
 from __future__ import annotations
 
-import time
-
 import httpx
 import pytest
 from transformers import AutoTokenizer
@@ -17,7 +15,7 @@ from transformers import AutoTokenizer
 from serving.config import app_config_from_file
 from serving.model import resolve_model
 from tests.helpers.offline import reference_outputs
-from tests.helpers.servers import REPO, ServerProcess
+from tests.helpers.servers import REPO, ServerProcess, metric, metric_lines, wait_for
 from tests.test_serving_e2e import long_prompt
 
 pytestmark = pytest.mark.e2e
@@ -44,7 +42,7 @@ def started(tmp_path_factory):
                                       config.decode.engine_kwargs, FIRST + AGAIN,
                                       tmp_path_factory.mktemp("prefix-offline"))
         server.wait_ready()
-        _wait_for(lambda: len(_per_replica(server, "pdserve_replica_tier_blocks")) == 3)
+        wait_for(lambda: len(_per_replica(server, "pdserve_replica_tier_blocks")) == 3, 30)
         yield server, reference
     finally:
         server.stop()
@@ -72,25 +70,25 @@ def test_prefix_goes_to_the_replica_holding_it(started):
         assert send(server, req) == expected["text"]
         # its decode replica stores the blocks and reports them; the next long prompt
         # goes to the replica holding fewer blocks
-        _wait_for(lambda: _grown(server, before))
+        wait_for(lambda: _grown(server, before), 30)
         holders.append(_grown(server, before))
     assert holders[0] != holders[1]
     for req, first, expected, holder in zip(AGAIN, FIRST, reference[2:], holders):
         hits_before = _hits(server, holder)
-        matched_before = _metric(server, "pdserve_router_matched_prefix_tokens_sum",
+        matched_before = metric(server, "pdserve_router_matched_prefix_tokens_sum",
                                  decision="local")
-        cached_before = _metric(server, "pdserve_router_decisions_total",
+        cached_before = metric(server, "pdserve_router_decisions_total",
                                 reason="local_cached")
         assert send(server, req) == expected["text"]
         shared = _common_prefix(_token_ids(tokenizer, first), _token_ids(tokenizer, req))
         assert shared >= 500
-        matched = _metric(server, "pdserve_router_matched_prefix_tokens_sum",
+        matched = metric(server, "pdserve_router_matched_prefix_tokens_sum",
                           decision="local") - matched_before
         assert matched == shared // BLOCK * BLOCK
-        assert _metric(server, "pdserve_router_decisions_total",
+        assert metric(server, "pdserve_router_decisions_total",
                        reason="local_cached") == cached_before + 1
-        _wait_for(lambda: _hits(server, holder) - hits_before >= matched)
-    assert _metric(server, "pdserve_router_decision_seconds_count", scope="assign") >= 4
+        wait_for(lambda: _hits(server, holder) - hits_before >= matched, 30)
+    assert metric(server, "pdserve_router_decision_seconds_count", scope="assign") >= 4
 
 
 def _token_ids(tokenizer, req) -> list[int]:
@@ -119,24 +117,6 @@ def _hits(server, replica: str) -> float:
                for name in ("local_hit_tokens", "external_hit_tokens"))
 
 
-def _lines(server, name: str, labels: dict):
-    for line in httpx.get(server.base_url + "/metrics").text.splitlines():
-        if line.startswith(name + "{") and all(f'{k}="{v}"' in line
-                                               for k, v in labels.items()):
-            yield line
-
-
-def _metric(server, name: str, **labels) -> float:
-    return sum(float(line.rsplit(" ", 1)[1]) for line in _lines(server, name, labels))
-
-
 def _per_replica(server, name: str, **labels) -> dict[str, float]:
     return {line.split('replica="', 1)[1].split('"', 1)[0]: float(line.rsplit(" ", 1)[1])
-            for line in _lines(server, name, labels)}
-
-
-def _wait_for(condition, timeout_s: float = 30) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.25)
+            for line in metric_lines(server, name, **labels)}

@@ -13,6 +13,7 @@ import pytest
 from serving.model import resolve_model
 from tests.conftest import API_KEY
 from tests.helpers.offline import reference_outputs
+from tests.helpers.servers import metric, wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -131,6 +132,31 @@ def test_models_health_metrics(client, aggregated_server):
                    "pdserve_replica_waiting_requests"):
         assert family in text, family
     assert 'pool="aggregated"' in text
+
+
+def test_client_leaving_mid_stream_is_counted_and_stops_the_engine(aggregated_server):
+    """A client that closes its connection mid-stream: the request counts as status 499
+    and the engine drops it (its running count falls to 0 long before 2000 tokens)."""
+    body = {"model": "pdserve:tiny", "prompt": "Count on and on:", "max_tokens": 2000,
+            "ignore_eos": True, "stream": True}
+    def left() -> float:
+        return metric(aggregated_server, "pdserve_requests_total", endpoint="completions",
+                      status="499")
+
+    left_before = left()
+    with httpx.stream("POST", aggregated_server.base_url + "/v1/completions", json=body,
+                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as reply:
+        assert reply.status_code == 200
+        events = 0
+        for line in reply.iter_lines():
+            events += line.startswith("data: {")
+            if events == 3:
+                break  # leaving the block closes the connection
+    wait_for(lambda: left() == left_before + 1, 10, "the ingress counting the stream left")
+    wait_for(lambda: metric(aggregated_server, "pdserve_replica_running_requests",
+                            pool="aggregated") == 0, 10, "the engine dropping the request")
+    assert metric(aggregated_server, "pdserve_requests_total", endpoint="completions",
+                  status="200") >= 1  # finished streams are not counted as left
 
 
 GOOD_COMPLETION = {"model": "pdserve:tiny", "prompt": "Hello", "max_tokens": 4}

@@ -65,6 +65,26 @@ class ServerProcess:
         return self.proc.returncode
 
 
+def metric_lines(server: ServerProcess, name: str, **labels: str) -> list[str]:
+    """The server's /metrics samples of `name` whose labels include `labels`."""
+    return [line for line in httpx.get(server.base_url + "/metrics").text.splitlines()
+            if line.startswith(name + "{")
+            and all(f'{k}="{v}"' in line for k, v in labels.items())]
+
+
+def metric(server: ServerProcess, name: str, **labels: str) -> float:
+    """The sum of the server's /metrics samples of `name` with these labels."""
+    return sum(float(line.rsplit(" ", 1)[1]) for line in metric_lines(server, name, **labels))
+
+
+def wait_for(condition, timeout_s: float = 10.0, what: str = "condition") -> None:
+    """Poll `condition` every 0.25 s; fail naming `what` if it is not met in time."""
+    deadline = time.monotonic() + timeout_s
+    while not condition():
+        assert time.monotonic() < deadline, f"{what} not met in {timeout_s:g} s"
+        time.sleep(0.25)
+
+
 @contextlib.contextmanager
 def running_server(config: str, env: dict[str, str] | None = None):
     """A ready `ServerProcess` (its `ready_s` set), stopped on exit."""
