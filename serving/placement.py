@@ -35,12 +35,12 @@ ITL medians unchanged, throughput 3% higher. Then the prefill EngineCore moved f
 0 (its worker's): one stream, TTFT 4.5% shorter, ITL unchanged; 8 streams, TTFT 4%
 shorter, throughput 2% higher. Not kept: the EngineCore's other threads (input, output,
 ZeroMQ) off its worker's core (no change), and the prefill replica on core 0 as well
-(one stream, tokens 3% faster; 8 streams, 3% fewer tokens/s). The shipped config does
-not set `engine_cpus` yet: with both EngineCores on their workers' cores, in 3 of 7
-runs of tests/test_pd_e2e.py a client that left mid-stream, while the killed prefill
-replica's successor was starting, did not stop its decode request (the replica's
-stream had ended, the engine ran the request to its end); with the shipped layout
-that test passed in 2 of 2 runs, as in every CI run before.
+(one stream, tokens 3% faster; 8 streams, 3% fewer tokens/s). configs/cpu-pd.yaml
+uses this layout. (When first tried, a client's mid-stream exit while a prefill
+replica restarted was not seen stopping its decode within 8 s in 3 of 7 runs of
+tests/test_pd_e2e.py; the same test, then limited to 5 s, had failed once on the old
+layout. With logging along the stop's path, 9 more runs of that test and 7
+kill-and-leave cycles on one server stopped every request within a second.)
 
 Sharing a CPU with them, the EngineCore takes turns with the serving processes: every token
 wakes the replica's OpenAI layer, the ingress and the client's socket just as the
