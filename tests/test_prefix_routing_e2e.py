@@ -76,17 +76,17 @@ def test_prefix_goes_to_the_replica_holding_it(started):
     for req, first, expected, holder in zip(AGAIN, FIRST, reference[2:], holders):
         hits_before = _hits(server, holder)
         matched_before = metric(server, "pdserve_router_matched_prefix_tokens_sum",
-                                 decision="local")
+                                decision="local")
         cached_before = metric(server, "pdserve_router_decisions_total",
-                                reason="local_cached")
+                               reason="local_cached")
         assert send(server, req) == expected["text"]
         shared = _common_prefix(_token_ids(tokenizer, first), _token_ids(tokenizer, req))
         assert shared >= 500
         matched = metric(server, "pdserve_router_matched_prefix_tokens_sum",
-                          decision="local") - matched_before
+                         decision="local") - matched_before
         assert matched == shared // BLOCK * BLOCK
         assert metric(server, "pdserve_router_decisions_total",
-                       reason="local_cached") == cached_before + 1
+                      reason="local_cached") == cached_before + 1
         wait_for(lambda: _hits(server, holder) - hits_before >= matched, 30)
     assert metric(server, "pdserve_router_decision_seconds_count", scope="assign") >= 4
 
