@@ -83,7 +83,8 @@ def test_pd_streaming_equals_aggregated(pd_server, reference):
             temperature=0.0, stream=True, extra_body={"return_token_ids": True}))
         ids = [c.choices[0].token_ids for c in chunks if c.choices and c.choices[0].token_ids]
         assert sum(ids, []) == expected["token_ids"]
-        assert all(len(step) == 1 for step in ids)  # one SSE event per token, no bursts
+        # one SSE event per token, no bursts
+        assert all(len(step) == 1 for step in ids), [len(step) for step in ids]
 
 
 def test_first_token_streams_from_the_prefill_and_the_stream_reads_as_one_engines(
