@@ -239,12 +239,14 @@ class Dispatcher:
         try:
             # Two waits: for a replica to take the call (Serve queues it while the pool
             # has no live replica: the chosen one died and its replacement is starting),
-            # then for its reply.
-            assigned = await asyncio.wait_for(reply._to_object_ref(),
-                                              min(limits.prefill_assign_timeout_s,
-                                                  limits.prefill_timeout_s))
-            return await asyncio.wait_for(
-                assigned, limits.prefill_timeout_s - (time.monotonic() - started))
+            # then for its reply. asyncio.timeout: Python 3.11's wait_for can drop a
+            # cancellation (the client left) that meets the reply (serving/ingress.py).
+            async with asyncio.timeout(min(limits.prefill_assign_timeout_s,
+                                           limits.prefill_timeout_s)):
+                assigned = await reply._to_object_ref()
+            async with asyncio.timeout(limits.prefill_timeout_s
+                                       - (time.monotonic() - started)):
+                return await assigned
         except BaseException:
             reply.cancel()
             raise

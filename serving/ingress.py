@@ -245,10 +245,17 @@ class OpenAIIngress:
 
 
 async def _next_before(reply: Any, deadline: float) -> Any:
-    remaining = deadline - time.monotonic()
+    """The reply's next item, or UpstreamTimeoutError past `deadline` (time.monotonic).
+
+    asyncio.timeout, not asyncio.wait_for: Python 3.11's wait_for returns the item, and
+    drops the cancellation, when the caller is cancelled just as the item arrives (a
+    client leaving mid-stream, a token every few ms): the relay then streamed on to a
+    closed connection and the decode ran its request to the end.
+    """
     try:
-        return await asyncio.wait_for(reply.__anext__(), max(remaining, 0.001))
-    except asyncio.TimeoutError as exc:
+        async with asyncio.timeout(max(deadline - time.monotonic(), 0.001)):
+            return await reply.__anext__()
+    except TimeoutError as exc:
         raise UpstreamTimeoutError("request timed out") from exc
 
 
