@@ -36,11 +36,10 @@ ITL medians unchanged, throughput 3% higher. Then the prefill EngineCore moved f
 shorter, throughput 2% higher. Not kept: the EngineCore's other threads (input, output,
 ZeroMQ) off its worker's core (no change), and the prefill replica on core 0 as well
 (one stream, tokens 3% faster; 8 streams, 3% fewer tokens/s). configs/cpu-pd.yaml
-uses this layout. (When first tried, a client's mid-stream exit while a prefill
-replica restarted was not seen stopping its decode within 8 s in 3 of 7 runs of
-tests/test_pd_e2e.py; the same test, then limited to 5 s, had failed once on the old
-layout. With logging along the stop's path, 9 more runs of that test and 7
-kill-and-leave cycles on one server stopped every request within a second.)
+uses this layout. (When first tried, a client leaving mid-stream sometimes did not
+stop its decode, in 3 of 7 runs of tests/test_pd_e2e.py. The old layout did the same
+once its test said which step was missed: the ingress's relay dropped the cancel, in
+Python 3.11's asyncio.wait_for; serving/ingress.py `_next_before`.)
 
 Sharing a CPU with them, the EngineCore takes turns with the serving processes: every token
 wakes the replica's OpenAI layer, the ingress and the client's socket just as the
