@@ -35,7 +35,7 @@ from serving.protocol import validate_request
 logger = logging.getLogger("pdserve.ingress")
 app = FastAPI(title="pdserve", docs_url=None, redoc_url=None)
 SSE_DONE = "data: [DONE]\n\n"
-CLIENT_CLOSED = 499  # a stream the client left before its end (nginx's, and Serve's, code)
+CLIENT_CLOSED = 499  # a request the client left before its end (nginx's, and Serve's, code)
 
 
 @app.exception_handler(StarletteHTTPException)
@@ -131,6 +131,11 @@ class OpenAIIngress:
                 first = head_event(dispatch.head)  # the decode replica continues it
             else:
                 first = await _next_before(dispatch.reply, deadline)
+        except asyncio.CancelledError:  # the client left before the reply or first token
+            if dispatch is not None:
+                dispatch.reply.cancel()  # else the engine runs the request to its end
+            timer.finish(self.metrics, CLIENT_CLOSED, None)
+            raise
         except Exception as exc:
             if dispatch is not None:
                 await self.dispatcher.on_failure(dispatch, exc)

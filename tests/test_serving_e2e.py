@@ -162,6 +162,23 @@ def test_client_leaving_mid_stream_is_counted_and_stops_the_engine(aggregated_se
     assert left() == left_before + 1  # a stream read to its end is not counted as left
 
 
+def test_client_leaving_before_the_reply_is_counted_and_stops_the_engine(aggregated_server):
+    """Not streamed: the client gives up waiting for the whole reply."""
+    body = {"model": "pdserve:tiny", "prompt": "Count on and on:", "max_tokens": 2000,
+            "ignore_eos": True}
+    def left() -> float:
+        return metric(aggregated_server, "pdserve_requests_total", endpoint="completions",
+                      status="499")
+
+    left_before = left()
+    with pytest.raises(httpx.ReadTimeout):  # 2000 tokens take 8 s or more
+        httpx.post(aggregated_server.base_url + "/v1/completions", json=body,
+                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=1.5)
+    wait_for(lambda: left() == left_before + 1, 10, "the ingress counting the request left")
+    wait_for(lambda: metric(aggregated_server, "pdserve_replica_running_requests",
+                            pool="aggregated") == 0, 10, "the engine dropping the request")
+
+
 GOOD_COMPLETION = {"model": "pdserve:tiny", "prompt": "Hello", "max_tokens": 4}
 GOOD_CHAT = {"model": "pdserve:tiny", "messages": [{"role": "user", "content": "Hi"}],
              "max_tokens": 4}
