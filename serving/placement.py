@@ -31,9 +31,9 @@ decode EngineCore moved from core 0 to core 1 (its worker's, `engine_cpus: "1"`)
 stream at a time: tokens from the 2nd on 11.5% faster (5.22 -> 4.62 ms, servers taking
 turns per request; the gap between its steps fell from 0.51 to 0.02 ms), TTFT
 unchanged; 8 streams at a time (`pdserve bench ab`, 48 requests, two rounds): TTFT and
-ITL medians unchanged, throughput 3% higher. Then the prefill EngineCore moved from core 1 to core
-0 (its worker's): one stream, TTFT 4.5% shorter, ITL unchanged; 8 streams, TTFT 4%
-shorter, throughput 2% higher. Not kept: the EngineCore's other threads (input, output,
+ITL medians unchanged, throughput 3% higher. Then the prefill EngineCore moved from
+core 1 to core 0 (its worker's): one stream, TTFT 4.5% shorter, ITL unchanged; 8
+streams, TTFT 4% shorter, throughput 2% higher. Not kept: the EngineCore's other threads (input, output,
 ZeroMQ) off its worker's core (no change), and the prefill replica on core 0 as well
 (one stream, tokens 3% faster; 8 streams, 3% fewer tokens/s). configs/cpu-pd.yaml
 uses this layout. (When first tried, a client leaving mid-stream sometimes did not
@@ -48,8 +48,9 @@ forward, then the sampling). A pool's `engine_nice` puts every EngineCore thread
 of them. (Under Ray an engine starts at nice 15: Ray starts its worker processes there,
 `RAY_worker_niceness`, and the EngineCore and workers inherit it from the replica;
 Ray's daemons, some of the replicas' threads and everything outside Ray run at 0.)
-A trade-off, measured on the 2-core box with configs/cpu-pd.yaml (decode EngineCore on
-core 0 with the prefill worker and the serving processes):
+A trade-off, measured on the 2-core box with configs/cpu-pd.yaml as it was before
+`engine_cpus` (decode EngineCore on core 0 with the prefill worker and the serving
+processes):
   - one stream at a time (1,000-token prompts, 64 out; step traces beside vLLM's own
     server): at -10 the gap between steps fell from 0.56 to 0.16-0.21 ms and tokens
     came 10-13% faster; at -3, 9% faster.

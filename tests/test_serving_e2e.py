@@ -134,49 +134,50 @@ def test_models_health_metrics(client, aggregated_server):
     assert 'pool="aggregated"' in text
 
 
+AUTH = {"Authorization": f"Bearer {API_KEY}"}
+LONG = {"model": "pdserve:tiny", "prompt": "Count on and on:", "max_tokens": 2000,
+        "ignore_eos": True}  # 2000 tokens take 8 s or more
+
+
+def _left(server) -> float:
+    """Requests the client left before the end of their reply."""
+    return metric(server, "pdserve_requests_total", endpoint="completions", status="499")
+
+
+def _wait_until_left_and_dropped(server, left_before: float) -> None:
+    wait_for(lambda: _left(server) == left_before + 1, 10,
+             "the ingress counting the request left")
+    wait_for(lambda: metric(server, "pdserve_replica_running_requests",
+                            pool="aggregated") == 0, 10, "the engine dropping the request")
+
+
 def test_client_leaving_mid_stream_is_counted_and_stops_the_engine(aggregated_server):
     """A client that closes its connection mid-stream: the request counts as status 499
     and the engine drops it (its running count falls to 0 long before 2000 tokens)."""
-    body = {"model": "pdserve:tiny", "prompt": "Count on and on:", "max_tokens": 2000,
-            "ignore_eos": True, "stream": True}
-    def left() -> float:
-        return metric(aggregated_server, "pdserve_requests_total", endpoint="completions",
-                      status="499")
-
-    left_before = left()
+    body = {**LONG, "stream": True}
+    left_before = _left(aggregated_server)
     with httpx.stream("POST", aggregated_server.base_url + "/v1/completions", json=body,
-                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as reply:
+                      headers=AUTH, timeout=60) as reply:
         assert reply.status_code == 200
         events = 0
         for line in reply.iter_lines():
             events += line.startswith("data: {")
             if events == 3:
                 break  # leaving the block closes the connection
-    wait_for(lambda: left() == left_before + 1, 10, "the ingress counting the stream left")
-    wait_for(lambda: metric(aggregated_server, "pdserve_replica_running_requests",
-                            pool="aggregated") == 0, 10, "the engine dropping the request")
+    _wait_until_left_and_dropped(aggregated_server, left_before)
     with httpx.stream("POST", aggregated_server.base_url + "/v1/completions",
-                      json={**body, "max_tokens": 3},
-                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60) as reply:
+                      json={**body, "max_tokens": 3}, headers=AUTH, timeout=60) as reply:
         assert reply.read().decode().endswith("data: [DONE]\n\n")
-    assert left() == left_before + 1  # a stream read to its end is not counted as left
+    assert _left(aggregated_server) == left_before + 1  # read to its end: not left
 
 
 def test_client_leaving_before_the_reply_is_counted_and_stops_the_engine(aggregated_server):
     """Not streamed: the client gives up waiting for the whole reply."""
-    body = {"model": "pdserve:tiny", "prompt": "Count on and on:", "max_tokens": 2000,
-            "ignore_eos": True}
-    def left() -> float:
-        return metric(aggregated_server, "pdserve_requests_total", endpoint="completions",
-                      status="499")
-
-    left_before = left()
-    with pytest.raises(httpx.ReadTimeout):  # 2000 tokens take 8 s or more
-        httpx.post(aggregated_server.base_url + "/v1/completions", json=body,
-                   headers={"Authorization": f"Bearer {API_KEY}"}, timeout=1.5)
-    wait_for(lambda: left() == left_before + 1, 10, "the ingress counting the request left")
-    wait_for(lambda: metric(aggregated_server, "pdserve_replica_running_requests",
-                            pool="aggregated") == 0, 10, "the engine dropping the request")
+    left_before = _left(aggregated_server)
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(aggregated_server.base_url + "/v1/completions", json=LONG, headers=AUTH,
+                   timeout=1.5)
+    _wait_until_left_and_dropped(aggregated_server, left_before)
 
 
 GOOD_COMPLETION = {"model": "pdserve:tiny", "prompt": "Hello", "max_tokens": 4}
@@ -241,8 +242,8 @@ BAD_REQUESTS = [
 def test_bad_request_gets_openai_error(aggregated_server, name, method, path, body, status,
                                        param):
     response = httpx.request(method, aggregated_server.base_url + path, content=body,
-                             headers={"Authorization": f"Bearer {API_KEY}",
-                                      "Content-Type": "application/json"}, timeout=60)
+                             headers={**AUTH, "Content-Type": "application/json"},
+                             timeout=60)
     assert response.status_code == status, response.text
     error = response.json()["error"]
     assert set(error) == {"message", "type", "param", "code"}
@@ -254,7 +255,7 @@ def test_bad_request_gets_openai_error(aggregated_server, name, method, path, bo
 def test_server_still_answers_after_bad_requests(client, aggregated_server):
     for _, method, path, body, _, _ in BAD_REQUESTS:
         httpx.request(method, aggregated_server.base_url + path, content=body,
-                      headers={"Authorization": f"Bearer {API_KEY}"}, timeout=60)
+                      headers=AUTH, timeout=60)
     response = client.completions.create(model="pdserve:tiny", prompt="Still there?",
                                          max_tokens=4)
     assert response.choices[0].finish_reason in ("length", "stop")
