@@ -36,10 +36,10 @@ core 1 to core 0 (its worker's): one stream, TTFT 4.5% shorter, ITL unchanged; 8
 streams, TTFT 4% shorter, throughput 2% higher. Not kept: the EngineCore's other threads (input, output,
 ZeroMQ) off its worker's core (no change), and the prefill replica on core 0 as well
 (one stream, tokens 3% faster; 8 streams, 3% fewer tokens/s). configs/cpu-pd.yaml
-uses this layout. (When first tried, a client leaving mid-stream sometimes did not
-stop its decode, in 3 of 7 runs of tests/test_pd_e2e.py. The old layout did the same
-once its test said which step was missed: the ingress's relay dropped the cancel, in
-Python 3.11's asyncio.wait_for; serving/ingress.py `_next_before`.)
+does not set it: with it, tests/test_pd_e2e.py's check of one SSE event per token
+failed in 2 of 21 runs (a token came in a burst of two), once in CI. (The mid-stream
+exit first blamed on this layout was the ingress's asyncio.wait_for, on either
+layout; serving/ingress.py `_next_before`.)
 
 Sharing a CPU with them, the EngineCore takes turns with the serving processes: every token
 wakes the replica's OpenAI layer, the ingress and the client's socket just as the

@@ -142,10 +142,10 @@ def test_every_listener_is_on_loopback(pd_server):
 
 
 def test_only_the_decode_engine_and_the_prefill_replica_use_the_decode_core(pd_server):
-    """configs/cpu-pd.yaml's placement: each worker computes on its bound core, with its
-    EngineCore (a child of the replica, placed by the pool's `engine_cpus`); the prefill
-    replica runs on core 1, everything else (Ray, ingress, router, the decode replica)
-    on core 0."""
+    """configs/cpu-pd.yaml's placement: each worker computes on its bound core; each
+    EngineCore (a child of the replica) on its pool's `engine_cpus`, else its `cpus`;
+    the prefill replica on core 1, everything else (Ray, ingress, router, the decode
+    replica) on core 0."""
     config, _ = app_config_from_file(REPO / PD_CONFIG)
     serving = {int(config.serving_cpus)}
     complete(pd_server, REQUESTS[0])
