@@ -36,18 +36,33 @@ core 1 to core 0 (its worker's): one stream, TTFT 4.5% shorter, ITL unchanged; 8
 streams, TTFT 4% shorter, throughput 2% higher. Not kept: the EngineCore's other threads (input, output,
 ZeroMQ) off its worker's core (no change), and the prefill replica on core 0 as well
 (one stream, tokens 3% faster; 8 streams, 3% fewer tokens/s). configs/cpu-pd.yaml
-does not set it: with it, tests/test_pd_e2e.py's check of one SSE event per token
-failed in 2 of 21 runs (a token came in a burst of two), once in CI. (The mid-stream
-exit first blamed on this layout was the ingress's asyncio.wait_for, on either
-layout; serving/ingress.py `_next_before`.)
+uses this layout.
+
+With the decode EngineCore on core 1, tokens are made there whatever holds core 0,
+where the replica and the ingress pass each one on; when they fell behind, the next
+token joined it in one SSE event (vLLM's output collector merges what its reader has
+not taken). Ray had them fall behind: it starts its workers at nice 15
+(`RAY_worker_niceness`), but Linux keeps a nice value per thread and Ray renices the
+worker's main thread only after its RPC threads have started, so those stay at 0 with
+Ray's daemons, ahead of the replica's event loop. 60 streamed requests per server start
+(1,000-token prompts), counting events of more than one token: EngineCores on their
+replicas' cores, 0 in 3 starts; decode EngineCore on core 1, 4-9 per start (3 starts);
+the same with every thread of the tree at one nice value, 0-1 (`RAY_worker_niceness=0`,
+3 starts) and 0 (all raised to 15, 3 starts). So `pdserve serve` sets
+`RAY_worker_niceness=0` (serving/server.py) unless it is set; under `serve run` or
+KubeRay, set it where Ray starts.
+(When first tried, a client leaving mid-stream sometimes did not stop its decode, in 3
+of 7 runs of tests/test_pd_e2e.py. The old layout did the same once its test said
+which step was missed: the ingress's relay dropped the cancel, in Python 3.11's
+asyncio.wait_for; serving/ingress.py `_next_before`.)
 
 Sharing a CPU with them, the EngineCore takes turns with the serving processes: every token
 wakes the replica's OpenAI layer, the ingress and the client's socket just as the
 EngineCore has to schedule the next step and answer the worker (twice a step: the
 forward, then the sampling). A pool's `engine_nice` puts every EngineCore thread ahead
-of them. (Under Ray an engine starts at nice 15: Ray starts its worker processes there,
-`RAY_worker_niceness`, and the EngineCore and workers inherit it from the replica;
-Ray's daemons, some of the replicas' threads and everything outside Ray run at 0.)
+of them. (Under `pdserve serve` everything runs at 0, above. Ray's default starts an
+engine at nice 15, `RAY_worker_niceness`, which the EngineCore and workers inherit from
+the replica, while Ray's daemons and some of the replicas' threads run at 0.)
 A trade-off, measured on the 2-core box with configs/cpu-pd.yaml as it was before
 `engine_cpus` (decode EngineCore on core 0 with the prefill worker and the serving
 processes):
@@ -59,8 +74,8 @@ processes):
     on its worker through every step, and ahead of the prefill worker on its core,
     that wait is taken from prefills.
 So it is unset in the shipped configs. Raising the replicas' nice instead did not help,
-nor did Ray's workers at 0 (`RAY_worker_niceness=0`; not clearly better, and slower
-outliers). Lowering a nice value needs CAP_SYS_NICE; without it the replica warns and
+nor did Ray's workers at 0 (`RAY_worker_niceness=0`, in that layout: ITL not clearly
+better, and slower outliers; it is the default now for the bursts above). Lowering a nice value needs CAP_SYS_NICE; without it the replica warns and
 leaves it.
 """
 

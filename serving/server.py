@@ -74,6 +74,11 @@ def serve_foreground(config_path: str, host: str | None = None,
         proxy_port = _direct_ingress(port, host)
 
     _place_ray(config.serving_cpus)
+    # Ray starts its workers (replicas, engines) at nice 15, but only the thread that
+    # renices itself and those it starts later: the worker's RPC threads stay at 0, as
+    # do Ray's daemons, and on a shared core they went ahead of the replica's per-token
+    # work (serving/placement.py). One nice value for every process and thread.
+    os.environ.setdefault("RAY_worker_niceness", "0")
 
     import ray
     from ray import serve

@@ -175,6 +175,22 @@ def test_only_the_decode_engine_and_the_prefill_replica_use_the_decode_core(pd_s
     assert not wrong, wrong[:10]
 
 
+def test_every_thread_of_the_tree_runs_at_one_nice_value(pd_server):
+    """No thread of Ray's (daemons, a worker's RPC threads) goes ahead of the replicas'
+    per-token work on the cores they share: with Ray's default, workers run at 15 but
+    their RPC threads and Ray's daemons at 0 (serving/placement.py)."""
+    root = psutil.Process(pd_server.proc.pid)
+    nice = {}
+    for process in [root, *root.children(recursive=True)]:
+        for thread in process.threads():
+            try:
+                nice.setdefault(os.getpriority(os.PRIO_PROCESS, thread.id), set()).add(
+                    process.name())
+            except ProcessLookupError:  # ended meanwhile
+                continue
+    assert len(nice) == 1, nice
+
+
 def test_killing_prefill_mid_run_loses_no_request(pd_server, reference):
     results, errors, slowest = [], [], 0.0
     killed = threading.Event()
