@@ -43,10 +43,16 @@ its TTFT and ITL, and P/D's over them, are printed too. Tree memory is the sum o
 server process and all its descendants (Ray's GCS, raylet, workers, engine processes):
 RSS, which counts shared pages once per process, and PSS, which splits them.
 
+Each server's tokens that shared an SSE event with the one before them are counted
+(the targets' one event per token). P/D's ratios over vLLM's server come with a 90%
+bootstrap interval over the rounds (each round's two requests kept together): the
+box's speed drifts between runs by more than the targets' margins, so one run's ratio
+alone says little.
+
 Last line: `overhead_p50_ms=.. overhead_p99_ms=.. ttft_ratio=.. itl_ratio=.. ready_s=..
-tree_rss_gb=.. httpx_overhead_p50_ms=.. [vllm_ttft_ratio=.. vllm_itl_ratio=..]` (ratios
-are P/D over aggregated, or over vLLM's server, TTFT by median, ITL by mean, all from
-the http.client requests).
+tree_rss_gb=.. httpx_overhead_p50_ms=.. [vllm_ttft_ratio=.. vllm_itl_ratio=..
+vllm_itl_ratio_90=LOW-HIGH]` (ratios are P/D over aggregated, or over vLLM's server,
+TTFT by median, ITL by mean, all from the http.client requests).
 """
 
 from __future__ import annotations
@@ -400,6 +406,36 @@ def _overhead(samples: list[Sample]) -> list[float]:
             for s in samples]
 
 
+def merged_tokens(samples: list[Sample], output_tokens: int) -> int:
+    """Tokens that reached the client in an SSE event with the one before them (each
+    request makes exactly `output_tokens`, ignore_eos): the targets' "no bursts"."""
+    return sum(output_tokens - 1 - len(s.gaps) for s in samples)
+
+
+def paired_interval(ours: list[Sample], theirs: list[Sample], statistic,
+                    draws: int = 2000, seed: int = 0) -> tuple[float, float, float]:
+    """`statistic(ours) / statistic(theirs)` over the requests, and its 90% bootstrap
+    interval: rounds drawn with replacement, each keeping its pair (the two servers met
+    the same prompt one after the other, so the box's drift cancels)."""
+    rng = np.random.default_rng(seed)
+    n = min(len(ours), len(theirs))
+    ratios = []
+    for _ in range(draws):
+        picked = rng.integers(0, n, n)
+        ratios.append(statistic([ours[i] for i in picked])
+                      / statistic([theirs[i] for i in picked]))
+    low, high = np.percentile(ratios, [5, 95])
+    return statistic(ours[:n]) / statistic(theirs[:n]), float(low), float(high)
+
+
+def _ttft_p50(samples: list[Sample]) -> float:
+    return statistics.median(s.ttft for s in samples)
+
+
+def _itl_mean(samples: list[Sample]) -> float:
+    return statistics.fmean(g for s in samples for g in s.gaps)
+
+
 def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int,
            vllm: ServerRun | None = None) -> str:
     ms = 1e3
@@ -432,6 +468,8 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
              f"{statistics.median(agg_second) * ms:>12.1f}"
              f"{statistics.median(pd_second) / statistics.median(agg_second):>8.2f}",
              f"{'first token from prefill':24}{sum(s.head for s in pd.samples):>10}",
+             f"{'tokens sharing an event':24}{merged_tokens(pd.samples, output_tokens):>10}"
+             f"{merged_tokens(agg.samples, output_tokens):>12}",
              f"{'ready s':24}{pd.ready_s:>10.1f}{agg.ready_s:>12.1f}",
              f"{'tree RSS GB':24}{pd.rss / 1e9:>10.2f}{agg.rss / 1e9:>12.2f}",
              f"{'tree PSS GB':24}{pd.pss / 1e9:>10.2f}{agg.pss / 1e9:>12.2f}",
@@ -441,18 +479,22 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
                  for p in sorted(pd.memory, key=lambda p: -p.rss)[:6])]
     vllm_ratios = ""
     if vllm is not None and vllm.samples:
-        v_ttft = statistics.median(s.ttft for s in vllm.samples)
-        v_itl = statistics.fmean(g for s in vllm.samples for g in s.gaps)
+        v_ttft = _ttft_p50(vllm.samples)
+        v_itl = _itl_mean(vllm.samples)
         v_rest = statistics.fmean(g for s in vllm.samples for g in s.gaps[1:])
+        ttft = paired_interval(pd.samples, vllm.samples, _ttft_p50)
+        itl = paired_interval(pd.samples, vllm.samples, _itl_mean)
         lines.append(
             f"vLLM's own server, same engine and cores: TTFT p50 {v_ttft * ms:.1f} ms, "
-            f"ITL mean {v_itl * ms:.2f} ms ({v_rest * ms:.2f} from the 2nd gap), ready "
+            f"ITL mean {v_itl * ms:.2f} ms ({v_rest * ms:.2f} from the 2nd gap), "
+            f"{merged_tokens(vllm.samples, output_tokens)} tokens sharing an event, ready "
             f"{vllm.ready_s:.1f} s, tree RSS {vllm.rss / 1e9:.2f} GB; over it: P/D TTFT "
-            f"{statistics.median(pd_ttft) / v_ttft:.2f}, ITL {pd_itl / v_itl:.2f}; "
+            f"{ttft[0]:.2f} ({ttft[1]:.2f}-{ttft[2]:.2f}), ITL {itl[0]:.2f} "
+            f"({itl[1]:.2f}-{itl[2]:.2f}) (90% intervals, requests paired by round); "
             f"aggregated TTFT {statistics.median(agg_ttft) / v_ttft:.2f}, "
             f"ITL {agg_itl / v_itl:.2f}")
-        vllm_ratios = (f" vllm_ttft_ratio={statistics.median(pd_ttft) / v_ttft:.2f}"
-                       f" vllm_itl_ratio={pd_itl / v_itl:.2f}")
+        vllm_ratios = (f" vllm_ttft_ratio={ttft[0]:.2f} vllm_itl_ratio={itl[0]:.2f}"
+                       f" vllm_itl_ratio_90={itl[1]:.2f}-{itl[2]:.2f}")
     if not remote:
         lines.append("no request took the remote P/D path: overhead not measured")
         lines.append("overhead_p50_ms=nan overhead_p99_ms=nan")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
@@ -124,3 +125,29 @@ def test_rounds_fold_to_medians_and_pooled_samples() -> None:
     assert folded["itls"] == [[10.0], [30.0], [20.0]]
     assert folded["round_values"]["p99_itl_ms"] == [10.0, 30.0, 20.0]
     assert combine_rounds(rounds[:1]) is rounds[0]
+
+
+def test_pd_overhead_counts_merged_tokens_and_pairs_its_intervals_by_round() -> None:
+    from benchmarks.pd_overhead import (Sample, ServerRun, _itl_mean, merged_tokens,
+                                        paired_interval, report)
+
+    # 5 tokens each: 4 gaps, or 3 when two tokens shared an event
+    assert merged_tokens([Sample(0.1, [0.01] * 4), Sample(0.1, [0.01] * 3)], 5) == 1
+    # Each round's vLLM request 1.25x faster; rounds drift 3x: the ratio stays exact.
+    theirs = [Sample(0.1 * k, [0.004 * k] * 4) for k in (1, 2, 3, 1, 2, 3)]
+    ours = [Sample(0.125 * k, [0.005 * k] * 4) for k in (1, 2, 3, 1, 2, 3)]
+    ratio, low, high = paired_interval(ours, theirs, _itl_mean)
+    assert ratio == pytest.approx(1.25) and low == pytest.approx(1.25) \
+        and high == pytest.approx(1.25)
+    # One slow round of ours: the interval widens around the ratio.
+    ours[0] = Sample(0.125, [0.02] * 4)
+    ratio, low, high = paired_interval(ours, theirs, _itl_mean)
+    assert low < 1.25 < ratio < high
+    timing = {"prefill-engine": 0.08, "ingress": 0.001, "route": 0.001, "prefill": 0.09}
+    pd = ServerRun(40.0, samples=[Sample(0.1, [0.005] * 4, timing, 0.002, True)] * 3)
+    agg = ServerRun(30.0, samples=[Sample(0.09, [0.0045] * 3)] * 3)
+    vllm = ServerRun(20.0, samples=[Sample(0.08, [0.004] * 4)] * 3)
+    text = report(pd, agg, 1000, 5, vllm)
+    assert re.search(r"tokens sharing an event +0 +3\n", text)
+    assert "0 tokens sharing an event" in text  # vLLM's
+    assert "vllm_itl_ratio=1.25 vllm_itl_ratio_90=1.25-1.25" in text.splitlines()[-1]
