@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,15 +21,10 @@ import httpx
 
 from benchmarks.errors import ServerError
 from serving.placement import process_tree, start_time
+from serving.ports import free_port
 
 POLL_S = 0.5
 LOG_TAIL_CHARS = 3000
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def is_ready(base_url: str) -> bool:

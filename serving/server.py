@@ -7,13 +7,13 @@ import json
 import logging
 import os
 import signal
-import socket
 import threading
 import time
 
 from serving.config import app_config_from_file
 from serving.loopback import LOOPBACK, loopback_env
 from serving.placement import LAUNCH_CPUS_ENV, format_cpu_list, place_serving
+from serving.ports import free_port
 
 logger = logging.getLogger("pdserve")
 
@@ -23,12 +23,6 @@ def _curl_line(host: str, port: int, model: str, api_key: str | None) -> str:
     auth = f" -H 'Authorization: Bearer {api_key}'" if api_key else ""
     return (f"curl http://{host}:{port}/v1/completions -H 'Content-Type: application/json'"
             f"{auth} -d '{body}'")
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _direct_ingress(port: int, host: str) -> int:
@@ -43,7 +37,7 @@ def _direct_ingress(port: int, host: str) -> int:
     # Serve keeps a stopping ingress answering for 30 s, for a load balancer in front
     # to notice; a foreground server with none would take 35 s to stop.
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "1")
-    return _free_port(host)
+    return free_port(host)
 
 
 def _place_ray(serving_cpus: str | None) -> None:
@@ -70,7 +64,7 @@ def serve_foreground(config_path: str, host: str | None = None,
         runtime_env["worker_process_setup_hook"] = "serving.loopback.worker_setup"
     proxy_port = port
     if os.environ.get("PDSERVE_DIRECT_INGRESS", "1") == "1":
-        port = port or _free_port(host)
+        port = port or free_port(host)
         proxy_port = _direct_ingress(port, host)
 
     _place_ray(config.serving_cpus)

@@ -8,7 +8,6 @@ event mid-stream, and a base URL where nothing listens.
 from __future__ import annotations
 
 import json
-import socket
 import sys
 import threading
 import time
@@ -22,6 +21,7 @@ import pytest
 from benchmarks.__main__ import main
 from benchmarks.errors import ServerError
 from benchmarks.servers import ManagedServer
+from serving.ports import free_port
 
 CHUNK = 'data: {"choices":[{"index":0,"text":"tok"}]}\n\n'
 
@@ -82,12 +82,6 @@ def serve(mode: str) -> Iterator[str]:
     finally:
         server.shutdown()
         server.server_close()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def bench(base_url: str, out: Path, *extra: str) -> dict:
