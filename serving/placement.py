@@ -33,10 +33,10 @@ turns per request; the gap between its steps fell from 0.51 to 0.02 ms), TTFT
 unchanged; 8 streams at a time (`pdserve bench ab`, 48 requests, two rounds): TTFT and
 ITL medians unchanged, throughput 3% higher. Then the prefill EngineCore moved from
 core 1 to core 0 (its worker's): one stream, TTFT 4.5% shorter, ITL unchanged; 8
-streams, TTFT 4% shorter, throughput 2% higher. Not kept: the EngineCore's other threads (input, output,
-ZeroMQ) off its worker's core (no change), and the prefill replica on core 0 as well
-(one stream, tokens 3% faster; 8 streams, 3% fewer tokens/s). configs/cpu-pd.yaml
-uses this layout.
+streams, TTFT 4% shorter, throughput 2% higher. Not kept: the EngineCore's other
+threads (input, output, ZeroMQ) off its worker's core (no change), and the prefill
+replica on core 0 as well (one stream, tokens 3% faster; 8 streams, 3% fewer
+tokens/s). configs/cpu-pd.yaml uses this layout.
 
 With the decode EngineCore on core 1, tokens are made there whatever holds core 0,
 where the replica and the ingress pass each one on; when they fell behind, the next
@@ -48,7 +48,9 @@ Ray's daemons, ahead of the replica's event loop. 60 streamed requests per serve
 (1,000-token prompts), counting events of more than one token: EngineCores on their
 replicas' cores, 0 in 3 starts; decode EngineCore on core 1, 4-9 per start (3 starts);
 the same with every thread of the tree at one nice value, 0-1 (`RAY_worker_niceness=0`,
-3 starts) and 0 (all raised to 15, 3 starts). So `pdserve serve` sets
+3 starts) and 0 (all raised to 15, 3 starts); configs/cpu-pd.yaml as shipped (both
+EngineCores on their workers' cores, `RAY_worker_niceness=0`), 0-2. Not the cause: the
+decode EngineCore's other threads on core 0 (5-9 per start). So `pdserve serve` sets
 `RAY_worker_niceness=0` (serving/server.py) unless it is set; under `serve run` or
 KubeRay, set it where Ray starts.
 (When first tried, a client leaving mid-stream sometimes did not stop its decode, in 3
@@ -75,8 +77,8 @@ processes):
     that wait is taken from prefills.
 So it is unset in the shipped configs. Raising the replicas' nice instead did not help,
 nor did Ray's workers at 0 (`RAY_worker_niceness=0`, in that layout: ITL not clearly
-better, and slower outliers; it is the default now for the bursts above). Lowering a nice value needs CAP_SYS_NICE; without it the replica warns and
-leaves it.
+better, and slower outliers; it is the default now for the bursts above). Lowering a
+nice value needs CAP_SYS_NICE; without it the replica warns and leaves it.
 """
 
 from __future__ import annotations
