@@ -444,8 +444,8 @@ def report(pd: ServerRun, agg: ServerRun, prompt_tokens: int, output_tokens: int
     overhead_httpx = _overhead(_remote(pd.httpx_samples))
     pd_ttft = [s.ttft for s in pd.samples]
     agg_ttft = [s.ttft for s in agg.samples]
-    pd_itl = statistics.fmean(g for s in pd.samples for g in s.gaps)
-    agg_itl = statistics.fmean(g for s in agg.samples for g in s.gaps)
+    pd_itl = _itl_mean(pd.samples)
+    agg_itl = _itl_mean(agg.samples)
     pd_second = [s.ttft + s.gaps[0] for s in pd.samples if s.gaps]
     agg_second = [s.ttft + s.gaps[0] for s in agg.samples if s.gaps]
     pd_itl_rest = statistics.fmean(g for s in pd.samples for g in s.gaps[1:])
