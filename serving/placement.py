@@ -36,7 +36,7 @@ core 1 to core 0 (its worker's): one stream, TTFT 4.5% shorter, ITL unchanged; 8
 streams, TTFT 4% shorter, throughput 2% higher. Not kept: the EngineCore's other
 threads (input, output, ZeroMQ) off its worker's core (no change), and the prefill
 replica on core 0 as well (one stream, tokens 3% faster; 8 streams, 3% fewer
-tokens/s). configs/cpu-pd.yaml uses this layout.
+tokens/s). configs/cpu-pd.yaml does not use this layout (below).
 
 With the decode EngineCore on core 1, tokens are made there whatever holds core 0,
 where the replica and the ingress pass each one on; when they fell behind, the next
@@ -55,7 +55,11 @@ speed: Ray's default against `RAY_worker_niceness=0`, servers taking turns per r
 (20 each), tokens from the 2nd on 4.76 against 4.75 ms, TTFT 121.7 against 123.5 ms.
 So `pdserve serve` sets
 `RAY_worker_niceness=0` (serving/server.py) unless it is set; under `serve run` or
-KubeRay, set it where Ray starts.
+KubeRay, set it where Ray starts. Still, in a fresh-clone CI run the layout failed
+tests/test_pd_e2e.py's check of one SSE event per token again (72 events, its server
+new, every code path cold): with the EngineCore on core 0, a stall there holds up the
+next token too, and so configs/cpu-pd.yaml keeps the EngineCores on their replicas'
+cores, the slower but burst-free layout.
 (When first tried, a client leaving mid-stream sometimes did not stop its decode, in 3
 of 7 runs of tests/test_pd_e2e.py. The old layout did the same once its test said
 which step was missed: the ingress's relay dropped the cancel, in Python 3.11's
