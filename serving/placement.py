@@ -48,14 +48,13 @@ Ray's daemons, ahead of the replica's event loop. 60 streamed requests per serve
 (1,000-token prompts), counting events of more than one token: EngineCores on their
 replicas' cores, 0 in 3 starts; decode EngineCore on core 1, 4-9 per start (3 starts);
 the same with every thread of the tree at one nice value, 0-1 (`RAY_worker_niceness=0`,
-3 starts) and 0 (all raised to 15, 3 starts); configs/cpu-pd.yaml as shipped (both
-EngineCores on their workers' cores, `RAY_worker_niceness=0`), 0-2. Not the cause: the
-decode EngineCore's other threads on core 0 (5-9 per start). One nice value costs no
-speed: Ray's default against `RAY_worker_niceness=0`, servers taking turns per request
-(20 each), tokens from the 2nd on 4.76 against 4.75 ms, TTFT 121.7 against 123.5 ms.
-So `pdserve serve` sets
-`RAY_worker_niceness=0` (serving/server.py) unless it is set; under `serve run` or
-KubeRay, set it where Ray starts. Still, in a fresh-clone CI run the layout failed
+3 starts) and 0 (all raised to 15, 3 starts); both EngineCores on their workers' cores
+with `RAY_worker_niceness=0`, 0-2. Not the cause: the decode EngineCore's other
+threads on core 0 (5-9 per start). One nice value costs no speed: Ray's default
+against `RAY_worker_niceness=0`, servers taking turns per request (20 each), tokens
+from the 2nd on 4.76 against 4.75 ms, TTFT 121.7 against 123.5 ms. So `pdserve serve`
+sets `RAY_worker_niceness=0` (serving/server.py) unless it is set; under `serve run`
+or KubeRay, set it where Ray starts. Still, in a fresh-clone CI run the layout failed
 tests/test_pd_e2e.py's check of one SSE event per token again (72 events, its server
 new, every code path cold): with the EngineCore on core 0, a stall there holds up the
 next token too, and so configs/cpu-pd.yaml keeps the EngineCores on their replicas'

@@ -141,7 +141,7 @@ def test_every_listener_is_on_loopback(pd_server):
     assert not outside, outside
 
 
-def test_only_the_decode_engine_and_the_prefill_replica_use_the_decode_core(pd_server):
+def test_only_the_decode_worker_and_the_prefill_side_use_the_decode_core(pd_server):
     """configs/cpu-pd.yaml's placement: each worker computes on its bound core; each
     EngineCore (a child of the replica) on its pool's `engine_cpus`, else its `cpus`;
     the prefill replica on core 1, everything else (Ray, ingress, router, the decode
