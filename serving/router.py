@@ -9,9 +9,13 @@ back with that replica, and hands its handle to the ingress and the engines, who
 `RouterClient` fetches it again after the actor is gone.
 
 Engine replicas report their load (running and waiting requests, KV-cache usage)
-when it changes, at most every 0.5 s, and every 2 s as a heartbeat. A replica that has
-not reported for `STALE_AFTER_S`, or that the ingress saw fail, is not assigned until
-it reports again after the failure.
+when it changes, at most every 0.5 s, and every 2 s as a heartbeat. A replica that the
+ingress saw fail is not assigned until it reports again after the failure. One that
+has not reported for `STALE_AFTER_S` is stale, not dead (its event loop can be held up:
+a long tokenization, a paused process): it is assigned only while no replica of its
+role is fresh, so that one late report does not turn every request away, and it is
+forgotten after `FORGET_AFTER_S`. A stale replica that is in fact gone fails its
+request at the ingress, which marks it failed.
 
 Prefix-aware routing: replicas with KV tiers add the changes to the block hashes they
 hold (`serving.prefix`); `report` answers `{RESYNC: True}` when it needs the whole set.
@@ -34,6 +38,7 @@ from serving.policies import ReplicaLoad, RouteRequest, make_policy
 from serving.prefix import RESYNC, BlockSets
 
 STALE_AFTER_S = 5.0
+FORGET_AFTER_S = 60.0
 MAX_SESSIONS = 100_000
 DIRECT_METHODS = ("assign", "mark_failed", "snapshot", "hash_spec", "report")
 
@@ -146,12 +151,16 @@ class Router:
         return chosen
 
     def _live(self) -> list[ReplicaLoad]:
+        """The fresh replicas, and the stale ones of roles that have no fresh one."""
         now = time.monotonic()
         for replica_id in [r for r, load in self.replicas.items()
-                           if now - load.reported_at > STALE_AFTER_S]:
+                           if now - load.reported_at > FORGET_AFTER_S]:
             del self.replicas[replica_id]
             self.blocks.drop(replica_id)
-        return list(self.replicas.values())
+        fresh_roles = {load.role for load in self.replicas.values()
+                       if now - load.reported_at <= STALE_AFTER_S}
+        return [load for load in self.replicas.values()
+                if load.role not in fresh_roles or now - load.reported_at <= STALE_AFTER_S]
 
 
 class RouterHost:

@@ -77,14 +77,15 @@ def test_pd_streaming_equals_aggregated(pd_server, reference):
     import openai
 
     client = openai.OpenAI(base_url=pd_server.base_url + "/v1", api_key="none", max_retries=0)
-    for req, expected in zip(REQUESTS, reference):
+    for i, (req, expected) in enumerate(zip(REQUESTS, reference)):
         chunks = list(client.completions.create(
             model="pdserve:tiny", prompt=req["prompt"], max_tokens=req["max_tokens"],
             temperature=0.0, stream=True, extra_body={"return_token_ids": True}))
         ids = [c.choices[0].token_ids for c in chunks if c.choices and c.choices[0].token_ids]
         assert sum(ids, []) == expected["token_ids"]
         # one SSE event per token, no bursts
-        assert all(len(step) == 1 for step in ids), [len(step) for step in ids]
+        bursts = {n: len(step) for n, step in enumerate(ids) if len(step) != 1}
+        assert not bursts, f"request {i}: tokens per event at event index {bursts}"
 
 
 def test_first_token_streams_from_the_prefill_and_the_stream_reads_as_one_engines(

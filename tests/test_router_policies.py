@@ -74,6 +74,33 @@ def test_failed_replica_is_skipped_until_it_reports_again(monkeypatch):
         router.assign(1000)
 
 
+def test_stale_replica_is_assigned_only_while_its_role_has_no_fresh_one(monkeypatch):
+    """A late report (a replica's event loop held up) is not a death: with no fresh
+    decode replica, the stale one still serves rather than every request getting 503."""
+    import serving.router as router_module
+
+    now = [1000.0]
+    monkeypatch.setattr(router_module.time, "monotonic", lambda: now[0])
+    router = Router({"policy": "least_loaded"})
+    report(router, "d1", "decode")
+    report(router, "p1", "prefill")
+    now[0] += router_module.STALE_AFTER_S + 1
+    route = router.assign(1000)
+    assert (route["decode"], route["prefill"]) == ("d1", "p1")
+    assert {row["replica_id"] for row in router.snapshot()} == {"d1", "p1"}
+
+    report(router, "d2", "decode")  # a fresh decode replica: the stale one waits
+    assert {router.assign(1000)["decode"] for _ in range(4)} == {"d2"}
+    assert router.assign(1000)["prefill"] == "p1"  # still no fresh prefill replica
+
+    now[0] += router_module.FORGET_AFTER_S
+    report(router, "d2", "decode")
+    route = router.assign(1000)
+    assert (route["decode"], route["prefill"], route["reason"]) == ("d2", None,
+                                                                    "local_no_prefill")
+    assert {row["replica_id"] for row in router.snapshot()} == {"d2"}
+
+
 def test_unknown_policy_lists_known_ones():
     config = RouterConfig.model_construct(policy="random")
     with pytest.raises(ValueError, match="least_loaded"):
