@@ -192,6 +192,30 @@ def test_every_thread_of_the_tree_runs_at_one_nice_value(pd_server):
     assert len(nice) == 1, nice
 
 
+def test_decode_replica_late_to_report_still_serves(pd_server, reference):
+    """A decode replica held up past the router's STALE_AFTER_S (paused here; in
+    production a long tokenization, a stalled box) is stale, not dead: a request sent
+    meanwhile waits for it and succeeds, where it was turned away with 503."""
+    from serving.router import STALE_AFTER_S
+
+    root = psutil.Process(pd_server.proc.pid)
+    (replica,) = [p for p in root.children(recursive=True)
+                  if "ServeReplica:pdserve:DecodeEngine" in " ".join(p.cmdline())]
+    req, expected = REQUESTS[1], reference[1]
+    replies = []
+    sender = threading.Thread(target=lambda: replies.append(complete(pd_server, req)))
+    replica.suspend()
+    try:
+        time.sleep(STALE_AFTER_S + 1.5)  # heartbeats come every 2 s
+        sender.start()
+        time.sleep(1.0)
+    finally:
+        replica.resume()
+    sender.join(60)
+    assert len(replies) == 1, "the request failed or hung (its assertion is above)"
+    assert replies[0]["choices"][0]["token_ids"] == expected["token_ids"]
+
+
 def test_killing_prefill_mid_run_loses_no_request(pd_server, reference):
     results, errors, slowest = [], [], 0.0
     killed = threading.Event()
