@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import time
@@ -66,10 +67,25 @@ def build_vllm_args(config: AppConfig, pool: PoolConfig,
     frontend_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in frontend_only}
     if role in KV_ROLES:
         kwargs["kv_transfer_config"] = _kv_transfer_config(pool, role)
+    if kwargs.get("distributed_executor_backend") == "uni":
+        # The worker in the EngineCore process. vLLM's CPU platform turns the name "uni"
+        # into "mp" (a worker process of its own); the class itself it takes as it is.
+        from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+        kwargs["distributed_executor_backend"] = UniProcExecutor
     engine_args = AsyncEngineArgs(model=resolve_model(config.model),
                                   served_model_name=[config.model_name], **kwargs)
     frontend_args = FrontendArgs(**frontend_kwargs)
     return argparse.Namespace(**(vars(frontend_args) | vars(engine_args)))
+
+
+def _worker_binding(vllm_config: Any) -> contextlib.AbstractContextManager:
+    """The environment in which vLLM starts a CPU worker process (OpenMP's thread count
+    and core binding, from `VLLM_CPU_OMP_THREADS_BIND`), set while the EngineCore
+    process is started, for an EngineCore that is its own worker (UniProcExecutor)."""
+    from vllm.utils.ompmultiprocessing import OMPProcessManager
+
+    return OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0)
 
 
 class LoadStatLogger:
@@ -147,12 +163,18 @@ class EngineServer:
         from vllm.engine.arg_utils import AsyncEngineArgs
 
         engine_args = AsyncEngineArgs.from_cli_args(args)
+        vllm_config = engine_args.create_engine_config()
+        worker_in_engine = pool.engine_kwargs.get("distributed_executor_backend") == "uni"
         self.load = LoadStatLogger()
         self._in_flight = 0  # calls of generate() (and so prefill()) not yet ended
         StatLoggerBase.register(LoadStatLogger)  # vLLM checks the ABC, not duck typing
-        self.engine = AsyncLLM.from_engine_args(
-            engine_args, stat_loggers=[lambda *a, **k: self.load])
-        place_engine(cpus, engine_cpus)  # its EngineCore is up: workers are bound by now
+        with _worker_binding(vllm_config) if worker_in_engine else contextlib.nullcontext():
+            self.engine = AsyncLLM.from_vllm_config(
+                vllm_config, stat_loggers=[lambda *a, **k: self.load],
+                enable_log_requests=engine_args.enable_log_requests,
+                disable_log_stats=engine_args.disable_log_stats)
+        # Its EngineCore is up: the workers' compute threads are bound by now.
+        place_engine(cpus, engine_cpus, worker_in_engine)
         prioritize_engine(pool.engine_nice)
         self.state = State()
         tasks = await self.engine.get_supported_tasks()

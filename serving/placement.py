@@ -116,10 +116,46 @@ def format_cpu_list(cpus: set[int]) -> str:
     return ",".join(str(cpu) for cpu in sorted(cpus))
 
 
-def pin_process(pid: int, cpus: set[int]) -> int:
-    """Put every thread of process `pid` on `cpus`; returns how many were moved. Threads
-    that end meanwhile are skipped; OSError if none of `cpus` is usable here."""
-    return _each_thread(pid, lambda tid: os.sched_setaffinity(tid, cpus))
+def pin_process(pid: int, cpus: set[int], keep: set[int] = frozenset()) -> int:
+    """Put every thread of process `pid` but those in `keep` on `cpus`; returns how many
+    were moved. Threads that end meanwhile are skipped; OSError if none of `cpus` is
+    usable here."""
+    return _each_thread(pid, lambda tid: os.sched_setaffinity(tid, cpus), keep)
+
+
+def compute_threads(pid: int) -> set[int]:
+    """The threads of process `pid` that vLLM's CPU worker bound to its cores, if it runs
+    one: the main thread, on the first core of `VLLM_CPU_OMP_THREADS_BIND`, and its
+    OpenMP team, one core each of the rest. A thread started after the binding inherits
+    the main thread's core (vLLM's EngineCore starts its input and output threads
+    then), so a thread on one other core is of the team. Empty if the main thread is
+    not on one core: nothing was bound."""
+    try:
+        main = os.sched_getaffinity(pid)
+    except ProcessLookupError:
+        return set()
+    if len(main) != 1:
+        return set()
+    bound = {pid}
+    for tid in _thread_ids(pid):
+        try:
+            cpus = os.sched_getaffinity(tid)
+        except ProcessLookupError:  # ended meanwhile
+            continue
+        if len(cpus) == 1 and cpus != main:
+            bound.add(tid)
+    return bound
+
+
+def _is_engine_core(pid: int) -> bool:
+    """Whether `pid` is vLLM's EngineCore (its process title; the replica's other
+    children, such as multiprocessing's resource tracker, started in the same
+    environment, have their main thread bound too, and move)."""
+    try:
+        with open(f"/proc/{pid}/cmdline") as f:
+            return "EngineCore" in f.read().split("\0", 1)[0]
+    except OSError:
+        return False
 
 
 def renice_process(pid: int, nice: int) -> int:
@@ -128,21 +164,28 @@ def renice_process(pid: int, nice: int) -> int:
     return _each_thread(pid, lambda tid: os.setpriority(os.PRIO_PROCESS, tid, nice))
 
 
-def _each_thread(pid: int, apply: Callable[[int], None]) -> int:
-    """`apply(tid)` for every thread of process `pid`; how many it was applied to (a
-    thread that ends meanwhile is skipped, an ended process has none)."""
-    try:
-        threads = os.listdir(f"/proc/{pid}/task")
-    except FileNotFoundError:
-        return 0
+def _each_thread(pid: int, apply: Callable[[int], None], skip: set[int] = frozenset()
+                 ) -> int:
+    """`apply(tid)` for every thread of process `pid` not in `skip`; how many it was
+    applied to (a thread that ends meanwhile is skipped, an ended process has none)."""
     done = 0
-    for tid in threads:
+    for tid in _thread_ids(pid):
+        if tid in skip:
+            continue
         try:
-            apply(int(tid))
+            apply(tid)
         except ProcessLookupError:
             continue
         done += 1
     return done
+
+
+def _thread_ids(pid: int) -> list[int]:
+    """The threads of process `pid`; none if it has ended."""
+    try:
+        return [int(tid) for tid in os.listdir(f"/proc/{pid}/task")]
+    except FileNotFoundError:
+        return []
 
 
 def child_pids(pid: int) -> list[int]:
@@ -225,18 +268,25 @@ def widen_for_engine() -> None:
         pin_process(os.getpid(), parse_cpu_list(launch))
 
 
-def place_engine(cpus: set[int] | None, engine_cpus: set[int] | None = None) -> None:
+def place_engine(cpus: set[int] | None, engine_cpus: set[int] | None = None,
+                 worker_in_engine: bool = False) -> None:
     """Once the engine is up: this replica process on `cpus`, and its EngineCore (its
     child processes, whose own children, the workers, keep vLLM's binding) on
-    `engine_cpus`, else on `cpus`: a pool's settings as `usable` returned them."""
+    `engine_cpus`, else on `cpus`: a pool's settings as `usable` returned them. With
+    `worker_in_engine` (the pool's `distributed_executor_backend: uni`), the EngineCore
+    computes itself: its compute threads keep vLLM's binding, and its other threads
+    (input, output, ZeroMQ's) move."""
     pid = os.getpid()
     if cpus is not None:
         moved = pin_process(pid, cpus)
         logger.info("replica %d on CPUs %s (%d threads)", pid, format_cpu_list(cpus), moved)
     engine_cpus = engine_cpus if engine_cpus is not None else cpus
     if engine_cpus is not None:
-        moved = sum(pin_process(child, engine_cpus) for child in child_pids(pid))
-        logger.info("its engine scheduler on CPUs %s (%d threads)",
+        moved = sum(pin_process(child, engine_cpus, compute_threads(child)
+                                if worker_in_engine and _is_engine_core(child) else set())
+                    for child in child_pids(pid))
+        logger.info("its engine scheduler%s on CPUs %s (%d threads)",
+                    "'s I/O threads" if worker_in_engine else "",
                     format_cpu_list(engine_cpus), moved)
 
 

@@ -142,31 +142,35 @@ def test_every_listener_is_on_loopback(pd_server):
     assert not outside, outside
 
 
-def test_only_the_decode_worker_and_the_prefill_side_use_the_decode_core(pd_server):
-    """configs/cpu-pd.yaml's placement: each worker computes on its bound core; each
-    EngineCore (a child of the replica) on its pool's `engine_cpus`, else its `cpus`;
-    the prefill replica on core 1, everything else (Ray, ingress, router, the decode
-    replica) on core 0."""
+def test_only_the_decode_engine_and_the_prefill_side_use_the_decode_core(pd_server):
+    """configs/cpu-pd.yaml's placement: each engine computes on its bound core, in its
+    EngineCore (a child of the replica; `distributed_executor_backend: uni`), whose
+    other threads (input, output, ZeroMQ's) run on its pool's `cpus`; the prefill
+    replica on core 1, everything else (Ray, ingress, router, the decode replica) on
+    core 0."""
     config, _ = app_config_from_file(REPO / PD_CONFIG)
     serving = {int(config.serving_cpus)}
     complete(pd_server, REQUESTS[0])
     root = psutil.Process(pd_server.proc.pid)
     tree = [root, *root.children(recursive=True)]
-    placed = {}
+    placed, computing = {}, {}
     for role, pool in (("Prefill", config.prefill), ("Decode", config.decode)):
-        worker_core = {int(pool.env["VLLM_CPU_OMP_THREADS_BIND"])}
+        assert pool.engine_kwargs["distributed_executor_backend"] == "uni"
+        assert pool.engine_cpus is None
         (replica,) = [p for p in tree if f"pdserve:{role}Engine" in " ".join(p.cmdline())]
         placed[replica.pid] = {int(pool.cpus)}
         for child in replica.children():  # its EngineCore (and multiprocessing's helper)
-            placed[child.pid] = {int(pool.engine_cpus or pool.cpus)}
-        for process in replica.children(recursive=True):
-            if process.name().startswith("VLLM::Worker"):
-                placed[process.pid] = worker_core
-    assert len(placed) >= 6  # each pool: replica, EngineCore, worker
+            placed[child.pid] = {int(pool.cpus)}
+            if child.name().startswith("VLLM::EngineCor"):
+                computing[child.pid] = {int(pool.env["VLLM_CPU_OMP_THREADS_BIND"])}
+    assert len(computing) == 2 and len(placed) >= 4  # each pool: replica, EngineCore
+    assert not [p for p in tree if p.name().startswith("VLLM::Worker")]
     wrong = []
     for process in tree:
-        expected = placed.get(process.pid, serving)
         for thread in process.threads():
+            main = thread.id == process.pid
+            expected = (computing[process.pid] if main and process.pid in computing
+                        else placed.get(process.pid, serving))
             try:
                 cpus = os.sched_getaffinity(thread.id)
             except ProcessLookupError:  # ended meanwhile

@@ -94,6 +94,51 @@ def test_an_engine_replica_and_its_children_move_but_grandchildren_keep_theirs(e
 
 
 @needs_two
+def test_an_engine_core_that_computes_keeps_its_bound_threads_and_moves_the_rest():
+    """`distributed_executor_backend: uni`: the EngineCore is its own worker. Its main
+    thread and OpenMP team (bound, one core each) stay; threads started after the binding
+    (inheriting the main thread's core: vLLM's input and output threads) move, as does
+    every thread of another child started in the same environment."""
+    first, second = CPUS[0], CPUS[1]
+    engine_core = textwrap.dedent(f"""
+        import os, threading, time, setproctitle
+        setproctitle.setproctitle("VLLM::EngineCore")
+        os.sched_setaffinity(0, {{{second}}})  # the main thread, as libgomp binds it
+        def team():
+            os.sched_setaffinity(0, {{{first}}})
+            time.sleep(30)
+        threading.Thread(target=team, daemon=True).start()
+        threading.Thread(target=time.sleep, args=(30,), daemon=True).start()  # inherits
+        time.sleep(0.3)
+        print("ready", flush=True)
+        time.sleep(30)
+        """)
+    helper = (f"import os, time; os.sched_setaffinity(0, {{{second}}}); "
+              "print('ready', flush=True); time.sleep(30)")
+    result = _run(AFFINITIES + f"""
+    from serving.placement import compute_threads, place_engine
+    children = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE,
+                                 text=True) for code in ({engine_core!r}, {helper!r})]
+    for child in children:
+        child.stdout.readline()
+    engine, other = children
+    bound = compute_threads(engine.pid)
+    place_engine({{{first}}}, None, worker_in_engine=True)
+    rest = [t for t in map(int, os.listdir(f"/proc/{{engine.pid}}/task")) if t not in bound]
+    print(json.dumps({{"main": sorted(os.sched_getaffinity(engine.pid)),
+                      "team": len(bound - {{engine.pid}}),
+                      "rest": sorted({{tuple(sorted(os.sched_getaffinity(t))) for t in rest}}),
+                      "helper": threads_of(other.pid)}}))
+    for child in children:
+        child.kill()
+    """)
+    assert result["main"] == [second]
+    assert result["team"] == 1  # the thread bound to another core
+    assert result["rest"] == [[first]]
+    assert result["helper"] == [[first]]
+
+
+@needs_two
 def test_serving_cpus_then_an_engine_widens_back_to_the_launch_cpus():
     first = CPUS[0]
     result = _run(AFFINITIES + f"""
