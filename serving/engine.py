@@ -168,7 +168,8 @@ class EngineServer:
         self.load = LoadStatLogger()
         self._in_flight = 0  # calls of generate() (and so prefill()) not yet ended
         StatLoggerBase.register(LoadStatLogger)  # vLLM checks the ABC, not duck typing
-        with _worker_binding(vllm_config) if worker_in_engine else contextlib.nullcontext():
+        binding = _worker_binding(vllm_config) if worker_in_engine else contextlib.nullcontext()
+        with binding:
             self.engine = AsyncLLM.from_vllm_config(
                 vllm_config, stat_loggers=[lambda *a, **k: self.load],
                 enable_log_requests=engine_args.enable_log_requests,

@@ -10,6 +10,23 @@ off the decode worker's core (`benchmarks/pd_overhead.py`, layouts rotated per r
 on one server). vLLM itself counts a core per EngineCore outside its workers' (its
 `reserve_cpu_num`) but does not place anything there.
 
+An engine whose pool sets `distributed_executor_backend: uni` has no worker process:
+its EngineCore computes, started in the environment vLLM gives a CPU worker
+(serving/engine.py), so its main thread and OpenMP team are bound to
+`VLLM_CPU_OMP_THREADS_BIND` like a worker's. Its other threads (input, output,
+ZeroMQ's), started after the binding, inherit the compute core; `place_engine` moves
+them to the pool's `engine_cpus`, else `cpus` (`compute_threads` tells them apart).
+That is configs/cpu-pd.yaml's layout: the decode engine computes alone on core 1, and
+the decode replica and the EngineCore's other threads wait on core 0. No step is handed
+between processes and nobody busy-waits: servers taking turns per request (20 each,
+one stream at a time), tokens from the 2nd on came in 4.59 ms against 5.55 ms with
+worker processes and the EngineCores on their replicas' cores (vLLM's own server,
+beside them: 4.77 ms). With the EngineCore's other threads left on the compute core,
+its output thread got the core only after the forward pass and sent two steps' outputs
+together: two tokens in one SSE event 4-5 times in 60 requests, against 0-1 with them
+on core 0 (ftrace: core 0 mostly idle when it happened, so not the replica falling
+behind).
+
 Three settings, in Linux CPU-list form ("0", "2-3,6"):
   - `serving_cpus` (app): Ray's processes (under `pdserve serve`, which sets it on
     itself before starting Ray, so everything Ray starts inherits it), the ingress and
@@ -57,8 +74,9 @@ sets `RAY_worker_niceness=0` (serving/server.py) unless it is set; under `serve 
 or KubeRay, set it where Ray starts. Still, in a fresh-clone CI run the layout failed
 tests/test_pd_e2e.py's check of one SSE event per token again (72 events, its server
 new, every code path cold): with the EngineCore on core 0, a stall there holds up the
-next token too, and so configs/cpu-pd.yaml keeps the EngineCores on their replicas'
-cores, the slower but burst-free layout.
+next token too, and so configs/cpu-pd.yaml kept the EngineCores on their replicas'
+cores, the slower but burst-free layout, until it ran each engine without a worker
+process (below).
 (When first tried, a client leaving mid-stream sometimes did not stop its decode, in 3
 of 7 runs of tests/test_pd_e2e.py. The old layout did the same once its test said
 which step was missed: the ingress's relay dropped the cancel, in Python 3.11's
