@@ -161,9 +161,10 @@ class EngineServer:
         started = time.monotonic()
         args = build_vllm_args(self.config, pool, self.role)
         from vllm.engine.arg_utils import AsyncEngineArgs
+        from vllm.usage.usage_lib import UsageContext
 
         engine_args = AsyncEngineArgs.from_cli_args(args)
-        vllm_config = engine_args.create_engine_config()
+        vllm_config = engine_args.create_engine_config(UsageContext.ENGINE_CONTEXT)
         worker_in_engine = pool.engine_kwargs.get("distributed_executor_backend") == "uni"
         self.load = LoadStatLogger()
         self._in_flight = 0  # calls of generate() (and so prefill()) not yet ended
@@ -174,7 +175,7 @@ class EngineServer:
                 vllm_config, stat_loggers=[lambda *a, **k: self.load],
                 enable_log_requests=engine_args.enable_log_requests,
                 disable_log_stats=engine_args.disable_log_stats)
-        # Its EngineCore is up: the workers' compute threads are bound by now.
+        # Its EngineCore is up: the compute threads (its workers', or its own) are bound.
         place_engine(cpus, engine_cpus, worker_in_engine)
         prioritize_engine(pool.engine_nice)
         self.state = State()
