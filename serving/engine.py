@@ -88,6 +88,27 @@ def _worker_binding(vllm_config: Any) -> contextlib.AbstractContextManager:
     return OMPProcessManager(vllm_config).configure_omp_envs(rank=0, local_rank=0)
 
 
+def _yield_between_outputs(engine: Any) -> None:
+    """Let readers take one engine step's outputs before the next step's are handed out.
+
+    vLLM's output handler awaits the engine's outputs from a queue and puts each
+    request's into its collector, which merges it into an output its reader has not
+    taken yet. When two steps' outputs wait in the queue (the EngineCore sent them
+    together, or this replica was held up a moment), the await returns at once, the
+    handler goes on to the second without the event loop running the readers, and two
+    tokens leave in one SSE event. One yield before each take lets every reader that is
+    ready take its output first; a reader that is really behind still gets its outputs
+    merged, as vLLM intends."""
+    client = engine.engine_core
+    take = client.get_output_async
+
+    async def get_output_async():
+        await asyncio.sleep(0)
+        return await take()
+
+    client.get_output_async = get_output_async
+
+
 class LoadStatLogger:
     """Keeps the latest scheduler numbers of the local engine for the router."""
 
@@ -175,6 +196,7 @@ class EngineServer:
                 vllm_config, stat_loggers=[lambda *a, **k: self.load],
                 enable_log_requests=engine_args.enable_log_requests,
                 disable_log_stats=engine_args.disable_log_stats)
+        _yield_between_outputs(self.engine)
         # Its EngineCore is up: the compute threads (its workers', or its own) are bound.
         place_engine(cpus, engine_cpus, worker_in_engine)
         prioritize_engine(pool.engine_nice)
