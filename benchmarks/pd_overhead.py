@@ -79,7 +79,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from benchmarks.servers import (ManagedServer, pdserve_auth_headers, start_pdserve,
                                 start_timed)
 from serving.config import Role, app_config_from_file
-from serving.placement import process_tree
+from serving.placement import process_name, process_tree
 from serving.vllm_plugin import SPIN_ENV
 
 METRICS_WAIT_S = 5.0
@@ -255,9 +255,10 @@ def tree_memory(root_pid: int) -> list[ProcessMemory]:
     """RSS and PSS of `root_pid` and each of its descendants."""
     out = []
     for pid in process_tree(root_pid):
+        name = process_name(pid)
+        if name is None:
+            continue
         try:
-            with open(f"/proc/{pid}/cmdline", "rb") as f:
-                name = f.read().split(b"\0")[0].decode(errors="replace")
             sizes = {}
             with open(f"/proc/{pid}/smaps_rollup") as f:
                 for line in f:

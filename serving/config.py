@@ -83,6 +83,12 @@ class PoolConfig(StrictModel):
                     "without it the replica warns and the EngineCore keeps its nice "
                     "value. Unset: unchanged.")
 
+    @property
+    def worker_in_engine(self) -> bool:
+        """`distributed_executor_backend: uni`: the forward pass in the EngineCore
+        process (serving/engine.py, serving/placement.py)."""
+        return self.engine_kwargs.get("distributed_executor_backend") == "uni"
+
     @model_validator(mode="after")
     def _one_scaling_mode(self) -> "PoolConfig":
         if self.autoscaling_config is not None:

@@ -67,7 +67,7 @@ def build_vllm_args(config: AppConfig, pool: PoolConfig,
     frontend_kwargs = {k: kwargs.pop(k) for k in list(kwargs) if k in frontend_only}
     if role in KV_ROLES:
         kwargs["kv_transfer_config"] = _kv_transfer_config(pool, role)
-    if kwargs.get("distributed_executor_backend") == "uni":
+    if pool.worker_in_engine:
         # The worker in the EngineCore process. vLLM's CPU platform turns the name "uni"
         # into "mp" (a worker process of its own); the class itself it takes as it is.
         from vllm.v1.executor.uniproc_executor import UniProcExecutor
@@ -186,19 +186,18 @@ class EngineServer:
 
         engine_args = AsyncEngineArgs.from_cli_args(args)
         vllm_config = engine_args.create_engine_config(UsageContext.ENGINE_CONTEXT)
-        worker_in_engine = pool.engine_kwargs.get("distributed_executor_backend") == "uni"
         self.load = LoadStatLogger()
         self._in_flight = 0  # calls of generate() (and so prefill()) not yet ended
         StatLoggerBase.register(LoadStatLogger)  # vLLM checks the ABC, not duck typing
-        binding = _worker_binding(vllm_config) if worker_in_engine else contextlib.nullcontext()
-        with binding:
+        with (_worker_binding(vllm_config) if pool.worker_in_engine
+              else contextlib.nullcontext()):
             self.engine = AsyncLLM.from_vllm_config(
                 vllm_config, stat_loggers=[lambda *a, **k: self.load],
                 enable_log_requests=engine_args.enable_log_requests,
                 disable_log_stats=engine_args.disable_log_stats)
         _yield_between_outputs(self.engine)
         # Its EngineCore is up: the compute threads (its workers', or its own) are bound.
-        place_engine(cpus, engine_cpus, worker_in_engine)
+        place_engine(cpus, engine_cpus, pool.worker_in_engine)
         prioritize_engine(pool.engine_nice)
         self.state = State()
         tasks = await self.engine.get_supported_tasks()

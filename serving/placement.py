@@ -169,11 +169,18 @@ def _is_engine_core(pid: int) -> bool:
     """Whether `pid` is vLLM's EngineCore (its process title; the replica's other
     children, such as multiprocessing's resource tracker, started in the same
     environment, have their main thread bound too, and move)."""
+    return "EngineCore" in (process_name(pid) or "")
+
+
+def process_name(pid: int) -> str | None:
+    """The first word of `pid`'s command line (a process title such as vLLM's
+    "VLLM::EngineCore" or Ray's "ray::ServeReplica:..." replaces it); None if it has
+    ended."""
     try:
-        with open(f"/proc/{pid}/cmdline") as f:
-            return "EngineCore" in f.read().split("\0", 1)[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            return f.read().split(b"\0")[0].decode(errors="replace")
     except OSError:
-        return False
+        return None
 
 
 def renice_process(pid: int, nice: int) -> int:
