@@ -26,7 +26,8 @@ def _make_model(args: argparse.Namespace) -> int:
 def _serve(args: argparse.Namespace) -> int:
     from serving.server import serve_foreground
 
-    return serve_foreground(args.config, host=args.host, port=args.port)
+    return serve_foreground(args.config, host=args.host, port=args.port,
+                            metrics_port=args.metrics_port)
 
 
 def _bench(argv: list[str]) -> int:
@@ -48,6 +49,9 @@ def main(argv: list[str] | None = None) -> int:
                                                     "else 127.0.0.1)")
     serve.add_argument("--port", type=int, default=None, help="HTTP port (default: the "
                                                               "config's, else 8000)")
+    serve.add_argument("--metrics-port", type=int, default=None,
+                       help="port of Ray's metrics endpoint: vLLM's engine metrics, "
+                            "Ray's and Serve's (default: a free one, logged)")
     serve.set_defaults(func=_serve)
 
     make = sub.add_parser("make-model", help="build a random-weight Llama with a trained "

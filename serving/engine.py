@@ -13,6 +13,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import functools
 import logging
 import time
 from typing import Any, AsyncIterator
@@ -109,6 +110,29 @@ def _yield_between_outputs(engine: Any) -> None:
     client.get_output_async = get_output_async
 
 
+def _record_stats_after_readers(engine: Any) -> None:
+    """Record each engine step's stats after the readers its outputs woke.
+
+    vLLM's output handler hands a step's outputs to the requests' collectors, then
+    records the step's stats (vLLM's metrics, through Ray, and this replica's load
+    numbers) before any reader has run: every token waited for them, 0.2 ms a step
+    (p50, decode replica, measured here; vLLM's own Prometheus logger took 0.09). Put
+    on the loop with `call_soon`, the record runs after the readers, whose wake-ups the
+    outputs scheduled first, and before the handler takes the next step: once a step,
+    in order. A record that fails is logged by the loop and the stream goes on (in the
+    handler it failed every request)."""
+    manager = engine.logger_manager
+    if manager is None:  # stats disabled
+        return
+    record = manager.record
+    loop = asyncio.get_running_loop()
+
+    def record_later(*args: Any, **kwargs: Any) -> None:
+        loop.call_soon(functools.partial(record, *args, **kwargs))
+
+    manager.record = record_later
+
+
 class LoadStatLogger:
     """Keeps the latest scheduler numbers of the local engine for the router."""
 
@@ -170,6 +194,7 @@ class EngineServer:
         from vllm.utils.gc_utils import freeze_gc_heap
         from vllm.v1.engine.async_llm import AsyncLLM
         from vllm.v1.metrics.loggers import StatLoggerBase
+        from vllm.v1.metrics.ray_wrappers import RayPrometheusStatLogger
 
         self.config = AppConfig.model_validate(config)
         self.role = Role(role)
@@ -191,11 +216,18 @@ class EngineServer:
         StatLoggerBase.register(LoadStatLogger)  # vLLM checks the ABC, not duck typing
         with (_worker_binding(vllm_config) if pool.worker_in_engine
               else contextlib.nullcontext()):
+            # vLLM's engine metrics (vllm:*) through Ray's metrics agent, as Ray Serve
+            # LLM exports them: on each node's Ray metrics port (KubeRay's 8080;
+            # `pdserve serve --metrics-port`), labelled with the Serve replica. In its
+            # place vLLM would record them in this process's own registry, which no
+            # endpoint serves.
             self.engine = AsyncLLM.from_vllm_config(
-                vllm_config, stat_loggers=[lambda *a, **k: self.load],
+                vllm_config, stat_loggers=[RayPrometheusStatLogger,
+                                           lambda *a, **k: self.load],
                 enable_log_requests=engine_args.enable_log_requests,
                 disable_log_stats=engine_args.disable_log_stats)
         _yield_between_outputs(self.engine)
+        _record_stats_after_readers(self.engine)
         # Its EngineCore is up: the compute threads (its workers', or its own) are bound.
         place_engine(cpus, engine_cpus, pool.worker_in_engine)
         prioritize_engine(pool.engine_nice)

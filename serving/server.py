@@ -50,7 +50,9 @@ def _place_ray(serving_cpus: str | None) -> None:
 
 
 def serve_foreground(config_path: str, host: str | None = None,
-                     port: int | None = None) -> int:
+                     port: int | None = None, metrics_port: int | None = None) -> int:
+    """`metrics_port`: where Ray's metrics agent serves Prometheus text (vLLM's engine
+    metrics, Ray's, Serve's), on the node's address; None: a free port, logged."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     config, http = app_config_from_file(config_path)
     host = host or http.host
@@ -82,7 +84,8 @@ def serve_foreground(config_path: str, host: str | None = None,
     started = time.monotonic()
     # A cluster of our own, every listener on the loopback interface unless asked.
     ray.init(address="local", _node_ip_address=node_ip, runtime_env=runtime_env,
-             include_dashboard=False, logging_level=logging.WARNING,
+             include_dashboard=False, _metrics_export_port=metrics_port,
+             logging_level=logging.WARNING,
              log_to_driver=os.environ.get("PDSERVE_ENGINE_LOGS", "1") == "1")
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):  # after ray.init, which installs its own
@@ -92,6 +95,8 @@ def serve_foreground(config_path: str, host: str | None = None,
         serve.run(build_app(config), name="pdserve", route_prefix="/", blocking=False)
         logger.info("pdserve ready in %.1f s on http://%s:%d (model %s)",
                     time.monotonic() - started, host, port, config.model_name)
+        logger.info("engine and Ray metrics on http://%s:%d/metrics", node_ip,
+                    ray.nodes()[0]["MetricsExportPort"])
         print("Ready. Try:\n  " + _curl_line(host, port, config.model_name,
                                               config.resolved_api_key()), flush=True)
         while not stop.wait(1.0):

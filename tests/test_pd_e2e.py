@@ -127,6 +127,30 @@ def test_short_prompt_is_prefilled_locally(pd_server, reference):
                   reason="local_short") == before + 1
 
 
+def test_both_engines_vllm_metrics_reach_rays_metrics_endpoint(pd_server):
+    """vLLM's own engine metrics, from both pools, on the Ray metrics port given to
+    `pdserve serve --metrics-port`: a series per engine replica (ReplicaId), each
+    counting the request it finished."""
+    def finished() -> dict[str, float]:
+        text = httpx.get(f"http://127.0.0.1:{pd_server.metrics_port}/metrics").text
+        counts: dict[str, float] = {}
+        for line in text.splitlines():
+            if line.startswith("ray_vllm_request_success_total{"):
+                replica = re.search(r'ReplicaId="([^"]*)"', line).group(1)
+                counts[replica] = counts.get(replica, 0.0) + float(line.rsplit(" ", 1)[1])
+        return counts
+
+    before = finished()
+    complete(pd_server, REQUESTS[0])  # remote: prefilled by one engine, decoded by the other
+
+    def both_counted() -> bool:
+        after = finished()
+        return len(after) == 2 and all(n > before.get(r, 0.0) for r, n in after.items())
+
+    # Ray's workers report their metrics to its agent every 10 s.
+    wait_for(both_counted, timeout_s=40, what="a finished request in each engine's metrics")
+
+
 def test_every_listener_is_on_loopback(pd_server):
     """HTTP, Ray (GCS, raylet, workers, agents), Serve replicas, vLLM, UCX and the KV
     handshake: nothing in the server's process tree listens beyond 127.0.0.1."""

@@ -24,10 +24,12 @@ class ServerProcess:
     def __init__(self, config: str, env: dict[str, str] | None = None):
         self.port = free_port()
         self.base_url = f"http://127.0.0.1:{self.port}"
+        self.metrics_port = free_port()  # Ray's metrics endpoint (vLLM's engine metrics)
         self.log = tempfile.NamedTemporaryFile(prefix="pdserve-test-", suffix=".log",
                                                delete=False)
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serving.cli", "serve", config, "--port", str(self.port)],
+            [sys.executable, "-m", "serving.cli", "serve", config, "--port", str(self.port),
+             "--metrics-port", str(self.metrics_port)],
             cwd=REPO, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, **(env or {})}, start_new_session=True)
         self.started = time.monotonic()
