@@ -14,6 +14,7 @@ import time
 import httpx
 import psutil
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from serving.config import app_config_from_file
 from serving.model import resolve_model
@@ -134,10 +135,11 @@ def test_both_engines_vllm_metrics_reach_rays_metrics_endpoint(pd_server):
     def finished() -> dict[str, float]:
         text = httpx.get(f"http://127.0.0.1:{pd_server.metrics_port}/metrics").text
         counts: dict[str, float] = {}
-        for line in text.splitlines():
-            if line.startswith("ray_vllm_request_success_total{"):
-                replica = re.search(r'ReplicaId="([^"]*)"', line).group(1)
-                counts[replica] = counts.get(replica, 0.0) + float(line.rsplit(" ", 1)[1])
+        for family in text_string_to_metric_families(text):
+            for sample in family.samples:
+                if sample.name == "ray_vllm_request_success_total":
+                    replica = sample.labels["ReplicaId"]
+                    counts[replica] = counts.get(replica, 0.0) + sample.value
         return counts
 
     before = finished()
